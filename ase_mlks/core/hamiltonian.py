@@ -1,0 +1,314 @@
+"""Real-space tight-binding Hamiltonian H(R) (and overlap S(R)) with Bloch sums and eigensolvers.
+
+Convention: ``H_ij(R) = <i, 0 | H | j, R>`` with R an integer lattice vector; the Bloch sum
+is ``H_ij(k) = sum_R exp(2 pi i k.R) H_ij(R)`` for fractional k (lattice gauge, no
+orbital-position phase: eigenvalues do not depend on that choice). Hermiticity reads
+``H_ji(-R) = conj(H_ij(R))``.
+
+Storage is sparse (COO over all R), so the same object serves a 10-orbital primitive cell
+and a 16,000-orbital moiré cell: dense ``eigh`` for the former, shift-invert ``eigsh`` near
+a chosen energy for the latter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+from .electrons import fermi_level as _fermi_level
+from .errors import AseMlksError
+from .io import read_array, write_array
+
+DENSE_LIMIT = 3000  # orbitals; above this, full dense diagonalization is refused unless forced
+
+
+class TBHamiltonian:
+    """Sparse real-space Hamiltonian of a crystal, molecule or slab.
+
+    Parameters
+    ----------
+    cell: (3, 3) lattice vectors in Å (rows).
+    norb: number of orbitals in the cell.
+    R: (nR, 3) integer lattice vectors.
+    r_index, rows, cols: (nnz,) entry coordinates: ``H[rows, cols](R[r_index])``.
+    h: (nnz,) values in eV (real or complex).
+    s: optional (nnz,) overlap values on the same entries (None = orthonormal basis).
+    orbital_atoms: optional (norb,) atom index of every orbital (for ``block``).
+    nelectrons: electrons held by these orbitals (for the Fermi level).
+    pbc: periodic directions; k components along non-periodic ones are ignored.
+    """
+
+    def __init__(self, cell, norb: int, R, r_index, rows, cols, h, s=None, *,
+                 orbital_atoms=None, nelectrons: float | None = None, pbc=(True, True, True),
+                 labels: Sequence[str] | None = None):
+        self.cell = np.asarray(cell, dtype=float).reshape(3, 3)
+        self.norb = int(norb)
+        self.R = np.asarray(R, dtype=np.int64).reshape(-1, 3)
+        self.r_index = np.asarray(r_index, dtype=np.int64)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.cols = np.asarray(cols, dtype=np.int64)
+        self.h = np.asarray(h)
+        self.s = None if s is None else np.asarray(s)
+        self.orbital_atoms = None if orbital_atoms is None else np.asarray(orbital_atoms, int)
+        self.nelectrons = None if nelectrons is None else float(nelectrons)
+        self.pbc = np.asarray(pbc, dtype=bool).reshape(3)
+        self.labels = list(labels) if labels is not None else None
+        n = len(self.h)
+        if not (len(self.r_index) == len(self.rows) == len(self.cols) == n):
+            raise ValueError("r_index, rows, cols and h must have the same length")
+        if self.s is not None and len(self.s) != n:
+            raise ValueError("s must have one value per entry of h")
+        if n and (self.rows.max() >= self.norb or self.cols.max() >= self.norb):
+            raise ValueError("orbital index out of range")
+        if n and self.r_index.max() >= len(self.R):
+            raise ValueError("r_index out of range")
+
+    # -- constructors -------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, cell, R, H, S=None, **kwargs) -> TBHamiltonian:
+        """From dense blocks ``H[r]`` of shape (nR, norb, norb) (and optional ``S``)."""
+        H = np.asarray(H)
+        mask = H != 0
+        if S is not None:
+            S = np.asarray(S)
+            mask |= S != 0
+        r, i, j = np.nonzero(mask)
+        return cls(cell, H.shape[1], R, r, i, j, H[r, i, j],
+                   None if S is None else S[r, i, j], **kwargs)
+
+    @classmethod
+    def from_coo(cls, cell, norb: int, R_of_entry, rows, cols, values, s_values=None,
+                 **kwargs) -> TBHamiltonian:
+        """From entries that each carry their own lattice vector ``R_of_entry`` (nnz, 3)."""
+        R_of_entry = np.asarray(R_of_entry, dtype=np.int64).reshape(-1, 3)
+        R, r_index = np.unique(R_of_entry, axis=0, return_inverse=True)
+        return cls(cell, norb, R, r_index.ravel(), rows, cols, values, s_values, **kwargs)
+
+    # -- basic properties ---------------------------------------------------------------
+    @property
+    def nnz(self) -> int:
+        return len(self.h)
+
+    @property
+    def is_complex(self) -> bool:
+        return np.iscomplexobj(self.h)
+
+    def copy(self) -> TBHamiltonian:
+        return TBHamiltonian(self.cell, self.norb, self.R.copy(), self.r_index.copy(),
+                             self.rows.copy(), self.cols.copy(), self.h.copy(),
+                             None if self.s is None else self.s.copy(),
+                             orbital_atoms=self.orbital_atoms, nelectrons=self.nelectrons,
+                             pbc=self.pbc, labels=self.labels)
+
+    def entry_R(self) -> np.ndarray:
+        """Lattice vector of every entry, shape (nnz, 3)."""
+        return self.R[self.r_index]
+
+    def _keys(self, R_entries: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return np.concatenate([R_entries, rows[:, None], cols[:, None]], axis=1)
+
+    # -- hermiticity --------------------------------------------------------------------
+    def hermitize(self) -> TBHamiltonian:
+        """Return ``(H + H^dagger) / 2`` (and the same for S), entries coalesced.
+
+        Models predict each hopping once per ordered pair; averaging with the transposed
+        partner makes the Bloch matrices exactly Hermitian at every k.
+        """
+        Re = self.entry_R()
+        keys = np.concatenate([self._keys(Re, self.rows, self.cols),
+                               self._keys(-Re, self.cols, self.rows)])
+        vals = np.concatenate([self.h, np.conj(self.h)]) / 2
+        svals = None
+        if self.s is not None:
+            svals = np.concatenate([self.s, np.conj(self.s)]) / 2
+        uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+        inv = inv.ravel()
+        h = _segment_sum(vals, inv, len(uniq))
+        s = None if svals is None else _segment_sum(svals, inv, len(uniq))
+        if not self.is_complex:
+            h = h.real
+            s = None if s is None else s.real
+        return TBHamiltonian.from_coo(self.cell, self.norb, uniq[:, :3], uniq[:, 3], uniq[:, 4],
+                                      h, s, orbital_atoms=self.orbital_atoms,
+                                      nelectrons=self.nelectrons, pbc=self.pbc,
+                                      labels=self.labels)
+
+    def hermiticity_error(self) -> float:
+        """max |H - H^dagger| over all entries (eV); 0 for a Hermitian model."""
+        return float(np.abs(self.to_dense_R() - _dagger_R(self)).max()) if self.nnz else 0.0
+
+    # -- Bloch sums -----------------------------------------------------------------------
+    def _bloch(self, values: np.ndarray, k, sparse: bool):
+        k = np.asarray(k, dtype=float).reshape(3) * self.pbc
+        phase = np.exp(2j * np.pi * (self.R @ k))[self.r_index]
+        m = sp.coo_matrix((values * phase, (self.rows, self.cols)),
+                          shape=(self.norb, self.norb)).tocsr()
+        return m if sparse else m.toarray()
+
+    def hk(self, k, sparse: bool = False):
+        """H(k), (norb, norb) complex; dense ndarray or scipy CSR if ``sparse``."""
+        return self._bloch(self.h, k, sparse)
+
+    def sk(self, k, sparse: bool = False):
+        """S(k); the identity for an orthonormal basis."""
+        if self.s is None:
+            return sp.identity(self.norb, dtype=complex, format="csr") if sparse \
+                else np.eye(self.norb, dtype=complex)
+        return self._bloch(self.s, k, sparse)
+
+    # -- eigenvalues ----------------------------------------------------------------------
+    def eigenvalues(self, kpts, nbands: int | None = None, sigma: float | None = None,
+                    return_vectors: bool = False, solver: str = "auto"):
+        """Band energies (nk, nbands) in eV, ascending at each k.
+
+        ``nbands=None``: all bands (dense). With ``nbands`` and ``sigma`` (eV): the
+        ``nbands`` states nearest ``sigma`` — by shift-invert Lanczos (``eigsh``) for large
+        systems (``solver='sparse'`` or auto above ``DENSE_LIMIT`` orbitals), by dense
+        ``eigh`` otherwise. Vectors, if asked, come as (nk, norb, nbands).
+        """
+        kpts = np.atleast_2d(np.asarray(kpts, dtype=float))
+        if solver == "auto":
+            solver = "sparse" if (sigma is not None and nbands is not None
+                                  and self.norb > DENSE_LIMIT) else "dense"
+        if solver == "dense" and self.norb > 4 * DENSE_LIMIT:
+            raise AseMlksError(
+                f"{self.norb} orbitals are too many for dense diagonalization; pass nbands "
+                "and sigma (eV) to use the sparse shift-invert solver")
+        if solver == "sparse" and (sigma is None or nbands is None):
+            raise ValueError("the sparse solver needs both nbands and sigma")
+        values, vectors = [], []
+        for k in kpts:
+            e, v = (self._eig_dense(k, nbands, sigma) if solver == "dense"
+                    else self._eig_sparse(k, nbands, sigma))
+            values.append(e)
+            vectors.append(v)
+        values = np.array(values)
+        return (values, np.array(vectors)) if return_vectors else values
+
+    def _eig_dense(self, k, nbands, sigma):
+        H = self.hk(k)
+        S = None if self.s is None else self.sk(k)
+        e, v = scipy.linalg.eigh(H, S)
+        if nbands is not None:
+            if sigma is None:
+                sel = np.arange(min(nbands, len(e)))
+            else:
+                sel = np.sort(np.argsort(np.abs(e - sigma), kind="stable")[:nbands])
+            e, v = e[sel], v[:, sel]
+        return e, v
+
+    def _eig_sparse(self, k, nbands, sigma):
+        H = self.hk(k, sparse=True).tocsc()
+        S = None if self.s is None else self.sk(k, sparse=True).tocsc()
+        # Shift-invert: Lanczos on (H - sigma S)^-1 converges to the states nearest sigma.
+        e, v = spla.eigsh(H, k=nbands, M=S, sigma=sigma, which="LM", tol=1e-12)
+        order = np.argsort(e)
+        return e[order], v[:, order]
+
+    def fermi_level(self, kmesh=(12, 12, 1), width: float = 0.05,
+                    nelectrons: float | None = None) -> float:
+        """Fermi level (eV) from the electron count on a Γ-centred k-mesh with FD smearing."""
+        n = self.nelectrons if nelectrons is None else nelectrons
+        if n is None:
+            raise AseMlksError("this Hamiltonian does not know its electron count")
+        kpts = monkhorst_pack_gamma(np.where(self.pbc, kmesh, 1))
+        return _fermi_level(self.eigenvalues(kpts), None, n, width)
+
+    # -- dense views and blocks -----------------------------------------------------------
+    def to_dense_R(self, which: str = "h") -> np.ndarray:
+        """Dense (nR, norb, norb) array of H(R) (or S(R) with ``which='s'``); small systems only."""
+        vals = self.h if which == "h" else self.s
+        if vals is None:
+            raise AseMlksError("this Hamiltonian has no overlap")
+        out = np.zeros((len(self.R), self.norb, self.norb), dtype=vals.dtype)
+        out[self.r_index, self.rows, self.cols] = vals
+        return out
+
+    def R_index(self, R) -> int:
+        """Index of lattice vector R in ``self.R``; KeyError if absent."""
+        hit = np.nonzero((self.R == np.asarray(R, int)).all(axis=1))[0]
+        if not len(hit):
+            raise KeyError(f"lattice vector {tuple(R)} not present")
+        return int(hit[0])
+
+    def block(self, i_atom: int, j_atom: int, R=(0, 0, 0), which: str = "h") -> np.ndarray:
+        """Dense block H_ij(R) between the orbitals of two atoms."""
+        if self.orbital_atoms is None:
+            raise AseMlksError("this Hamiltonian has no orbital -> atom map")
+        oi = np.nonzero(self.orbital_atoms == i_atom)[0]
+        oj = np.nonzero(self.orbital_atoms == j_atom)[0]
+        vals = self.h if which == "h" else self.s
+        out = np.zeros((len(oi), len(oj)), dtype=vals.dtype)
+        try:
+            r = self.R_index(R)
+        except KeyError:
+            return out
+        sel = (self.r_index == r) & np.isin(self.rows, oi) & np.isin(self.cols, oj)
+        out[np.searchsorted(oi, self.rows[sel]), np.searchsorted(oj, self.cols[sel])] = vals[sel]
+        return out
+
+    # -- HDF5 -----------------------------------------------------------------------------
+    def to_hdf5(self, group, dtype=np.float32) -> None:
+        """Write into an h5py group (values as float32/complex64 by default)."""
+        write_array(group, "cell", self.cell, np.float64)
+        write_array(group, "pbc", self.pbc)
+        write_array(group, "R", self.R.astype(np.int32))
+        write_array(group, "r_index", self.r_index.astype(np.int32))
+        write_array(group, "rows", self.rows.astype(np.int32))
+        write_array(group, "cols", self.cols.astype(np.int32))
+        write_array(group, "h", self.h, dtype)
+        if self.s is not None:
+            write_array(group, "s", self.s, dtype)
+        if self.orbital_atoms is not None:
+            write_array(group, "orbital_atoms", self.orbital_atoms.astype(np.int32))
+        group.attrs["norb"] = self.norb
+        group.attrs["format"] = "ase_mlks.TBHamiltonian/1"
+        if self.nelectrons is not None:
+            group.attrs["nelectrons"] = self.nelectrons
+        if self.labels is not None:
+            group.attrs["labels"] = np.array(self.labels, dtype="S")
+
+    @classmethod
+    def from_hdf5(cls, group) -> TBHamiltonian:
+        if group.attrs.get("format", "") != "ase_mlks.TBHamiltonian/1":
+            raise AseMlksError(f"HDF5 group {group.name} holds no TBHamiltonian")
+        labels = group.attrs.get("labels")
+        return cls(read_array(group, "cell"), int(group.attrs["norb"]), read_array(group, "R"),
+                   read_array(group, "r_index"), read_array(group, "rows"),
+                   read_array(group, "cols"), read_array(group, "h"),
+                   read_array(group, "s") if "s" in group else None,
+                   orbital_atoms=read_array(group, "orbital_atoms")
+                   if "orbital_atoms" in group else None,
+                   nelectrons=group.attrs.get("nelectrons"),
+                   pbc=read_array(group, "pbc"),
+                   labels=None if labels is None else [x.decode() for x in labels])
+
+
+def _segment_sum(values: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n, dtype=np.result_type(values, np.complex128))
+    np.add.at(out, index, values)
+    return out
+
+
+def _dagger_R(ham: TBHamiltonian) -> np.ndarray:
+    """Dense H^dagger in the R representation: out[R] = H(-R)^dagger (missing -R -> zeros)."""
+    dense = ham.to_dense_R()
+    out = np.zeros_like(dense)
+    lookup = {tuple(r): n for n, r in enumerate(ham.R)}
+    for n, r in enumerate(ham.R):
+        m = lookup.get(tuple(-r))
+        if m is not None:
+            out[n] = dense[m].conj().T
+    return out
+
+
+def monkhorst_pack_gamma(size) -> np.ndarray:
+    """Γ-centred uniform k-mesh in fractional coordinates, shape (prod(size), 3)."""
+    size = np.asarray(size, dtype=int)
+    axes = [np.arange(n) / n for n in size]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    return grid - np.round(grid)  # fold into (-1/2, 1/2]
