@@ -1,0 +1,1 @@
+"""DPWannier: Deep-Potential force field + equivariant Wannier Hamiltonian (paper 002)."""

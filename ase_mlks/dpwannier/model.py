@@ -1,0 +1,371 @@
+"""DPWannierModel: Deep-Potential force field + RAER + E(3)-equivariant Wannier-H heads.
+
+Design (Qi, Gong & Yan, arXiv:2403.13675, improved where noted):
+
+* Force field: se_e2_a descriptor D_i -> per-species fitting net (two hidden layers,
+  64 and 32, tanh) -> atomic energy; E = sum_i E_i; forces = -dE/dR and stress =
+  (1/V) dE/d(strain) by autograd, so the model is energy-conserving (the paper
+  predicts forces directly).
+* RAER: the last hidden layer (32) of the fitting net, exposed as ``out["raer"]``.
+* Hamiltonian heads (one per category as in the paper): on-site blocks from D_i,
+  intra-layer hoppings from (RAER_i, RAER_j, |r_ij|), inter-layer hoppings from |r_ij|
+  only; separate networks per ordered species pair and for short (< ``h_split``) and long
+  range. Unlike the paper (raw Cartesian inputs) every block is built equivariantly:
+
+      H_ij^{l1 l2} = sum_L sum_c  a_{L,c}(invariants) * C^{l1 l2 L} . V^L_c,
+
+  with C the e3nn Clebsch-Gordan (Wigner 3j) tensors, V^L_c equivariant features of degree
+  L and parity (-1)^L (spherical harmonics of the bond direction, and neighbour-density
+  tensors sum_k w_c(r_ik) Y_L(r_ik) of each end's environment), so rotating a structure
+  rotates each block by D^{l1} H D^{l2 T} exactly. Inter-layer blocks use Y_L(r_ij) only
+  (two-centre, Slater-Koster-like). Hermiticity is exact: H_ij(R) = (f(i->j) +
+  f(j->i)^T) / 2.
+* Vacuum-level alignment: a polynomial C(strain, N_out/N_in - 1) per layer, fitted by
+  least squares, added to that layer's on-site diagonal.
+
+Orbital order follows ``ase_mlks.core.orbitals`` (blocks are converted from e3nn's order).
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import product
+
+import numpy as np
+import torch
+from ase.data import atomic_numbers
+from e3nn import o3
+from torch import nn
+
+from ase_mlks.core.checkpoint import CheckpointMixin
+from ase_mlks.core.orbitals import OrbitalBasis, e3nn_to_ours
+
+from .descriptor import DPDescriptor, mlp, smooth_switch
+from .graph import DPGraph
+
+ONSITE, INTRA, INTER = "onsite", "intra", "inter"
+
+
+class GaussianBasis(nn.Module):
+    """Gaussian radial basis on [0, r_max] Å times a smooth cutoff; output (E, n)."""
+
+    def __init__(self, n: int, r_max: float, r_min: float = 0.0):
+        super().__init__()
+        self.register_buffer("centers", torch.linspace(r_min, r_max, n))
+        self.width = (r_max - r_min) / (n - 1)
+        self.r_max = r_max
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        g = torch.exp(-(((r[:, None] - self.centers) / self.width) ** 2))
+        return g * smooth_switch(r, self.r_max - 1.0, self.r_max)[:, None]
+
+
+class VacuumAlignment(nn.Module):
+    """Per-layer on-site shift C(strain, rho) = sum_{a+b<=deg} c_ab strain^a (rho-1)^b (eV).
+
+    ``rho`` = N_out / N_in. Fitted by linear least squares (``fit``); zero until fitted.
+    Minimum-norm solutions keep coefficients of monomials absent from the data at zero, so
+    a model fitted only on equal layers (rho = 1) leaves unequal layers unshifted.
+    """
+
+    def __init__(self, degree: int = 2):
+        super().__init__()
+        self.degree = degree
+        self.powers = [(a, b) for a in range(degree + 1) for b in range(degree + 1 - a)]
+        self.register_buffer("coef", torch.zeros(len(self.powers), dtype=torch.float64))
+
+    def features(self, feat: torch.Tensor) -> torch.Tensor:
+        eps, rho = feat[:, 0], feat[:, 1] - 1.0
+        return torch.stack([eps**a * rho**b for a, b in self.powers], dim=1)
+
+    def forward(self, layer_feat: torch.Tensor) -> torch.Tensor:
+        """Shift per layer (nlayers,) in eV."""
+        return self.features(layer_feat.double()) @ self.coef
+
+    def fit(self, layer_feat: np.ndarray, shift: np.ndarray, rcond: float = 1e-8) -> float:
+        """Least-squares fit to measured per-layer shifts (eV); returns the R^2 of the fit."""
+        x = self.features(torch.as_tensor(np.asarray(layer_feat), dtype=torch.float64)).numpy()
+        y = np.asarray(shift, dtype=np.float64)
+        coef, *_ = np.linalg.lstsq(x, y, rcond=rcond)
+        self.coef.copy_(torch.as_tensor(coef))
+        resid = y - x @ coef
+        ss = float(((y - y.mean()) ** 2).sum())
+        return 1.0 - float((resid**2).sum()) / ss if ss > 0 else 1.0
+
+
+class DPWannierModel(nn.Module, CheckpointMixin):
+    """Force field + Wannier Hamiltonian of layered materials from one descriptor.
+
+    Args:
+        species: element symbols, e.g. ("Mo", "S").
+        orbitals: Wannier basis per element, e.g. {"Mo": "4d", "S": "3p"}.
+        rc, rcs: force-field cutoff and switch start (Å).
+        embed, axis: embedding widths (last = M1) and M2 of the se_e2_a descriptor.
+        fit: fitting-net hidden widths; the last is the RAER size.
+        h_cutoff: hopping cutoff (Å); h_split: short/long-range boundary (Å).
+        env_channels: channels of each environment tensor degree L.
+        n_radial: Gaussian basis size for hopping distances.
+        intra_hidden, inter_hidden, onsite_hidden: widths of the H coefficient nets.
+        areal_density: unstrained atoms per Å^2 of one layer (strain of the alignment).
+        min_distance: smallest interatomic distance seen in training (Å).
+        alignment_degree: polynomial degree of the vacuum alignment.
+    """
+
+    def __init__(self, species: tuple[str, ...] = ("Mo", "S"),
+                 orbitals: dict[str, str] | None = None, rc: float = 7.0, rcs: float = 2.0,
+                 embed: tuple[int, ...] = (16, 32), axis: int = 8,
+                 fit: tuple[int, ...] = (64, 32), h_cutoff: float = 10.0, h_split: float = 6.0,
+                 env_channels: int = 4, n_radial: int = 16,
+                 intra_hidden: tuple[int, ...] = (64, 32), inter_hidden: tuple[int, ...] = (32, 16),
+                 onsite_hidden: tuple[int, ...] = (64, 32), areal_density: float = 0.3424,
+                 min_distance: float = 1.8, alignment_degree: int = 2,
+                 env_norm: float = 100.0):
+        super().__init__()
+        orbitals = dict(orbitals or {"Mo": "4d", "S": "3p"})
+        self.hparams = dict(
+            species=list(species), orbitals=orbitals, rc=rc, rcs=rcs, embed=list(embed),
+            axis=axis, fit=list(fit), h_cutoff=h_cutoff, h_split=h_split,
+            env_channels=env_channels, n_radial=n_radial, intra_hidden=list(intra_hidden),
+            inter_hidden=list(inter_hidden), onsite_hidden=list(onsite_hidden),
+            areal_density=areal_density, min_distance=min_distance,
+            alignment_degree=alignment_degree, env_norm=env_norm)
+        self.species = list(species)
+        self.numbers = [atomic_numbers[s] for s in species]
+        self.basis = OrbitalBasis(orbitals)
+        self.rc, self.h_cutoff, self.h_split = rc, h_cutoff, h_split
+        self.areal_density, self.min_distance = areal_density, min_distance
+        ns = len(species)
+
+        # ---- force field ---------------------------------------------------------
+        self.descriptor = DPDescriptor(ns, rc=rc, rcs=rcs, embed=tuple(embed), axis=axis,
+                                       norm=env_norm)
+        self.fit_hidden = nn.ModuleList(mlp([self.descriptor.dim, *fit], last_act=True)
+                                        for _ in range(ns))
+        self.fit_out = nn.ModuleList(nn.Linear(fit[-1], 1) for _ in range(ns))
+        self.register_buffer("d_mean", torch.zeros(self.descriptor.dim))
+        self.register_buffer("d_std", torch.ones(self.descriptor.dim))
+        self.register_buffer("e_bias", torch.zeros(ns))
+        self.register_buffer("e_scale", torch.ones(()))
+
+        # ---- Hamiltonian heads -----------------------------------------------------
+        self.shells = [[(s.l, off) for s, off in zip(
+            self.basis.shells_of(sp), np.cumsum([0] + [x.size for x in self.basis.shells_of(sp)]))]
+            for sp in species]
+        self.norb = [self.basis.norb(sp) for sp in species]
+        self.nmax = max(self.norb)
+        lmax = self.basis.lmax()
+        self.lmax_feat = 2 * lmax
+        self.c_env = env_channels
+        self.rbf = GaussianBasis(n_radial, h_cutoff)
+        self.env_rbf = GaussianBasis(n_radial, rc)
+        self.env_weights = nn.Linear(n_radial * ns, env_channels * (self.lmax_feat + 1),
+                                     bias=False)
+        self.env_norm = env_norm
+        for l1, l2 in {(a, b) for sh in self.shells for a, _ in sh
+                       for sh2 in self.shells for b, _ in sh2}:
+            for big_l in self._allowed(l1, l2):
+                self.register_buffer(f"cg_{l1}_{l2}_{big_l}", o3.wigner_3j(l1, l2, big_l)
+                                     * math.sqrt(2 * big_l + 1))
+        for l in range(lmax + 1):
+            self.register_buffer(f"p_{l}", torch.as_tensor(e3nn_to_ours(l), dtype=torch.float32))
+        raer = fit[-1]
+        self.heads = nn.ModuleDict()
+        for a in range(ns):
+            self.heads[f"{ONSITE}_{a}"] = mlp([self.descriptor.dim, *onsite_hidden,
+                                               self._ncoef(ONSITE, a, a)])
+        for a, b, rng in product(range(ns), range(ns), ("short", "long")):
+            self.heads[f"{INTRA}_{a}_{b}_{rng}"] = mlp(
+                [2 * raer + n_radial, *intra_hidden, self._ncoef(INTRA, a, b)])
+            self.heads[f"{INTER}_{a}_{b}_{rng}"] = mlp(
+                [n_radial, *inter_hidden, self._ncoef(INTER, a, b)])
+        # Mean on-site energy of each orbital (eV, ours order), set from data by the trainer;
+        # the heads learn deviations. Stored per species as a padded (nmax,) vector.
+        self.register_buffer("onsite_bias", torch.zeros(ns, self.nmax))
+        self.register_buffer("h_scale", torch.ones(()))
+        self.alignment = VacuumAlignment(alignment_degree)
+
+    # ------------------------------------------------------------------------------
+    @staticmethod
+    def _allowed(l1: int, l2: int) -> list[int]:
+        """Degrees L in l1 x l2 with parity (-1)^(l1+l2) (proper tensors only)."""
+        return [L for L in range(abs(l1 - l2), l1 + l2 + 1) if (L + l1 + l2) % 2 == 0]
+
+    def _nchan(self, cat: str) -> int:
+        return {ONSITE: 1 + self.c_env, INTRA: 1 + 2 * self.c_env, INTER: 1}[cat]
+
+    def _ncoef(self, cat: str, a: int, b: int) -> int:
+        return sum(len(self._allowed(l1, l2)) * self._nchan(cat)
+                   for l1, _ in self.shells[a] for l2, _ in self.shells[b])
+
+    # ---- force field ---------------------------------------------------------------
+    def atomic_energies(self, g: DPGraph, vectors: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-atom energies (N,) eV, RAER (N, fit[-1]) and descriptor (N, M1*M2)."""
+        d = self.descriptor(g.species, g.ff_i, g.ff_j, vectors)
+        x = (d - self.d_mean) / self.d_std
+        raer = x.new_zeros((len(d), self.fit_out[0].in_features))
+        e = x.new_zeros(len(d))
+        for a in range(len(self.species)):
+            m = (g.species == a).nonzero()[:, 0]
+            if len(m) == 0:
+                continue
+            h = self.fit_hidden[a](x[m])
+            raer = raer.index_put((m,), h)
+            e = e.index_put((m,), self.fit_out[a](h)[:, 0] * self.e_scale + self.e_bias[a])
+        return e, raer, d
+
+    def forward(self, g: DPGraph, forces: bool = True, stress: bool = False,
+                hamiltonian: bool = False, create_graph: bool = False) -> dict:
+        """Energies (B,), forces (N,3), stress (B,3,3), RAER, descriptor, H blocks.
+
+        H output (if ``hamiltonian``): ``onsite`` (N, nmax, nmax) and ``hop``
+        (H, nmax, nmax) blocks in eV, padded beyond each atom's orbital count.
+        """
+        pos = g.positions
+        cell = g.cell
+        if forces:
+            pos = pos.detach().requires_grad_(True)
+        strain = None
+        if stress:
+            strain = torch.zeros_like(cell, requires_grad=True)
+            sym = 0.5 * (strain + strain.transpose(1, 2))
+            pos_s = pos + torch.einsum("ni,nij->nj", pos, sym[g.batch])
+            cell_s = cell + cell @ sym
+        else:
+            pos_s, cell_s = pos, cell
+        vec = self._vectors(pos_s, cell_s, g.batch, g.ff_i, g.ff_j, g.ff_shift)
+        e_atom, raer, d = self.atomic_energies(g, vec)
+        energy = torch.zeros(g.nstruct, dtype=e_atom.dtype).index_add(0, g.batch, e_atom)
+        out = {"energy": energy, "energies": e_atom, "raer": raer, "descriptor": d}
+        if forces or stress:
+            inputs = [pos] if forces else []
+            if stress:
+                inputs.append(strain)
+            grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph)
+            if forces:
+                out["forces"] = -grads[0]
+            if stress:
+                out["stress"] = grads[-1] / g.volume[:, None, None]
+        if hamiltonian:
+            out.update(self.hamiltonian_blocks(g, d, raer))
+        return out
+
+    @staticmethod
+    def _vectors(pos, cell, batch, i, j, shift) -> torch.Tensor:
+        return pos[j] - pos[i] + torch.einsum("ek,ekl->el", shift, cell[batch[i]])
+
+    # ---- Hamiltonian -----------------------------------------------------------------
+    def env_tensors(self, g: DPGraph, vec: torch.Tensor) -> list[torch.Tensor]:
+        """Equivariant neighbour densities T^L_i = sum_k w_c(r_ik) Y_L(r_ik) / N_c.
+
+        Returns one tensor (N, C, 2L+1) per L = 0..2*lmax (e3nn order).
+        """
+        r = vec.norm(dim=1)
+        ns = len(self.species)
+        onehot = nn.functional.one_hot(g.species[g.ff_j], ns).to(vec.dtype)
+        rad = (self.env_rbf(r)[:, None, :] * onehot[:, :, None]).reshape(len(r), -1)
+        w = self.env_weights(rad).reshape(len(r), self.lmax_feat + 1, self.c_env)
+        out = []
+        for big_l in range(self.lmax_feat + 1):
+            y = o3.spherical_harmonics(big_l, vec, normalize=True)
+            contrib = w[:, big_l, :, None] * y[:, None, :]
+            t = vec.new_zeros((len(g.species), self.c_env, 2 * big_l + 1))
+            out.append(t.index_add(0, g.ff_i, contrib) / self.env_norm)
+        return out
+
+    def _blocks(self, cat: str, a: int, b: int, coef: torch.Tensor,
+                feats: list[torch.Tensor]) -> torch.Tensor:
+        """Assemble (E, nmax, nmax) blocks (ours order) from coefficients and features.
+
+        ``feats[L]`` has shape (E, nchan, 2L+1); coefficients are consumed in the order
+        (shell pair, L, channel).
+        """
+        nchan = self._nchan(cat)
+        blk = coef.new_zeros((len(coef), self.nmax, self.nmax))
+        k = 0
+        for l1, o1 in self.shells[a]:
+            for l2, o2 in self.shells[b]:
+                sub = coef.new_zeros((len(coef), 2 * l1 + 1, 2 * l2 + 1))
+                for big_l in self._allowed(l1, l2):
+                    c = coef[:, k:k + nchan]
+                    k += nchan
+                    v = torch.einsum("ec,eck->ek", c, feats[big_l])
+                    cg = getattr(self, f"cg_{l1}_{l2}_{big_l}").to(coef.dtype)
+                    sub = sub + torch.einsum("abk,ek->eab", cg, v)
+                p1 = getattr(self, f"p_{l1}").to(coef.dtype)
+                p2 = getattr(self, f"p_{l2}").to(coef.dtype)
+                blk[:, o1:o1 + 2 * l1 + 1, o2:o2 + 2 * l2 + 1] = p1 @ sub @ p2.T
+        return blk
+
+    def hamiltonian_blocks(self, g: DPGraph, d: torch.Tensor, raer: torch.Tensor) -> dict:
+        """On-site (N, nmax, nmax) and hopping (H, nmax, nmax) blocks, eV."""
+        vec_ff = self._vectors(g.positions, g.cell, g.batch, g.ff_i, g.ff_j, g.ff_shift)
+        env = self.env_tensors(g, vec_ff)
+        x = (d - self.d_mean) / self.d_std
+        dtype = x.dtype
+        n = len(g.species)
+        onsite = x.new_zeros((n, self.nmax, self.nmax))
+        for a in range(len(self.species)):
+            m = (g.species == a).nonzero()[:, 0]
+            if len(m) == 0:
+                continue
+            coef = self.heads[f"{ONSITE}_{a}"](x[m])
+            feats = []
+            for big_l, t in enumerate(env):
+                const = t.new_zeros((len(m), 1, 2 * big_l + 1))
+                if big_l == 0:
+                    const = const + 1.0
+                feats.append(torch.cat([const, t[m]], dim=1))
+            blk = self._blocks(ONSITE, a, a, coef, feats) * self.h_scale
+            blk = 0.5 * (blk + blk.transpose(1, 2))
+            blk = blk + torch.diag_embed(self.onsite_bias[a].to(dtype))[None]
+            onsite = onsite.index_put((m,), blk)
+        shift = self.alignment(g.layer_feat).to(dtype)[g.layer]
+        eye = torch.stack([torch.diag_embed((torch.arange(self.nmax) < self.norb[s]).to(dtype))
+                           for s in range(len(self.species))])
+        onsite = onsite + shift[:, None, None] * eye[g.species]
+
+        vec = self._vectors(g.positions, g.cell, g.batch, g.h_i, g.h_j, g.h_shift)
+        r = vec.norm(dim=1)
+        rbf = self.rbf(r)
+        ys = [o3.spherical_harmonics(big_l, vec, normalize=True)[:, None, :]
+              for big_l in range(self.lmax_feat + 1)]
+        same = g.layer[g.h_i] == g.layer[g.h_j]
+        short = r < self.h_split
+        si, sj = g.species[g.h_i], g.species[g.h_j]
+        raw = x.new_zeros((len(r), self.nmax, self.nmax))
+        for cat, a, b, rng in product((INTRA, INTER), range(len(self.species)),
+                                      range(len(self.species)), ("short", "long")):
+            m = ((same if cat == INTRA else ~same) & (si == a) & (sj == b)
+                 & (short if rng == "short" else ~short)).nonzero()[:, 0]
+            if len(m) == 0:
+                continue
+            if cat == INTRA:
+                inp = torch.cat([raer[g.h_i[m]], raer[g.h_j[m]], rbf[m]], dim=1)
+                feats = [torch.cat([y[m], t[g.h_i[m]], t[g.h_j[m]]], dim=1)
+                         for y, t in zip(ys, env)]
+            else:
+                inp = rbf[m]
+                feats = [y[m] for y in ys]
+            coef = self.heads[f"{cat}_{a}_{b}_{rng}"](inp)
+            blk = self._blocks(cat, a, b, coef, feats)
+            raw = raw.index_put((m,), blk * self.h_scale)
+        # Exact hermiticity: H_ij(R) = (f(i->j, R) + f(j->i, -R)^T) / 2; smooth decay to 0
+        # at h_cutoff so bands change continuously as pairs cross the cutoff.
+        hop = 0.5 * (raw + raw[g.h_rev].transpose(1, 2))
+        hop = hop * smooth_switch(r, self.h_cutoff - 1.0, self.h_cutoff)[:, None, None]
+        return {"onsite": onsite, "hop": hop}
+
+    # ---- normalization from data -------------------------------------------------------
+    @torch.no_grad()
+    def set_descriptor_stats(self, g: DPGraph) -> None:
+        """Set the descriptor mean/std (inputs of the fitting and on-site nets) from data."""
+        vec = self._vectors(g.positions, g.cell, g.batch, g.ff_i, g.ff_j, g.ff_shift)
+        d = self.descriptor(g.species, g.ff_i, g.ff_j, vec.to(self.d_mean.dtype))
+        self.d_mean.copy_(d.mean(0))
+        self.d_std.copy_(d.std(0).clamp_min(1e-3 * float(d.std(0).max())))
+
+    def orbital_mask(self, species: torch.Tensor) -> torch.Tensor:
+        """(N, nmax) bool: which padded orbital slots are real for each atom."""
+        norb = torch.as_tensor(self.norb)[species]
+        return torch.arange(self.nmax)[None, :] < norb[:, None]

@@ -1,0 +1,195 @@
+"""Physics invariants of DPWannierModel (random weights, float64): forces = -dE/dR, stress =
+dE/dstrain / V, E(3) invariance/equivariance of energies, forces and H blocks, hermiticity,
+atom-order independence, and the vacuum-level alignment fit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from ase_mlks.dpwannier.graph import build_graph
+from ase_mlks.dpwannier.model import DPWannierModel, VacuumAlignment
+from ase_mlks.structures import bilayer_configuration, monolayer
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model() -> DPWannierModel:
+    torch.manual_seed(0)
+    m = DPWannierModel(embed=(8, 16), axis=4, fit=(16, 8), h_cutoff=8.0, env_channels=2,
+                       n_radial=8, intra_hidden=(16,), inter_hidden=(8,), onsite_hidden=(16,))
+    m = m.double()
+    # Non-trivial scales so every term contributes at the eV level.
+    m.e_scale.fill_(3.0)
+    m.h_scale.fill_(2.0)
+    with torch.no_grad():
+        for p in m.env_weights.parameters():
+            p.mul_(20.0)
+    m.alignment.coef.copy_(torch.tensor([0.1, 0.2, 0.0, 0.3, 0.0, 0.0], dtype=torch.float64))
+    return m
+
+
+@pytest.fixture(scope="module")
+def atoms():
+    rng = np.random.default_rng(3)
+    return bilayer_configuration(rng, size=(2, 2), rattle_probability=1.0, rattle_std=0.08)
+
+
+def run(model, atoms, layers=None, **kw):
+    g = build_graph([atoms], model.species, model.rc, model.h_cutoff, model.areal_density,
+                    layers=layers)
+    return g, model(g, **kw)
+
+
+def test_forces_are_minus_energy_gradient(model, atoms):
+    _, out = run(model, atoms)
+    f = out["forces"].detach().numpy()
+    h = 1e-4
+    for a, c in [(0, 0), (5, 2), (13, 1), (22, 2)]:
+        e = []
+        for s in (+1, -1):
+            b = atoms.copy()
+            b.positions[a, c] += s * h
+            e.append(float(run(model, b, forces=False)[1]["energy"][0]))
+        fd = -(e[0] - e[1]) / (2 * h)
+        assert abs(fd - f[a, c]) < 1e-6 * max(1.0, abs(fd)), (a, c, fd, f[a, c])
+
+
+def test_stress_is_strain_derivative(model, atoms):
+    _, out = run(model, atoms, stress=True)
+    sigma = out["stress"][0].detach().numpy()
+    h = 1e-5
+    vol = atoms.get_volume()
+    for p, q in [(0, 0), (1, 1), (0, 1), (2, 2)]:
+        e = []
+        for s in (+1, -1):
+            eps = np.eye(3)
+            eps[p, q] += s * h / (2 if p != q else 1)
+            if p != q:
+                eps[q, p] += s * h / 2
+            b = atoms.copy()
+            b.set_cell(atoms.cell @ eps, scale_atoms=True)
+            e.append(float(run(model, b, forces=False)[1]["energy"][0]))
+        fd = (e[0] - e[1]) / (2 * h) / vol
+        assert abs(fd - sigma[p, q]) < 1e-7, (p, q, fd, sigma[p, q])
+
+
+def _transform(atoms, rot: np.ndarray, shift: np.ndarray):
+    b = atoms.copy()
+    b.set_cell(atoms.cell @ rot.T, scale_atoms=False)
+    b.positions = atoms.positions @ rot.T + shift
+    return b
+
+
+def _block_map(g):
+    """(i, j, S) -> edge index."""
+    s = g.h_shift.numpy().round().astype(int)
+    return {(int(i), int(j), *map(int, ss)): e
+            for e, (i, j, ss) in enumerate(zip(g.h_i.numpy(), g.h_j.numpy(), s))}
+
+
+@pytest.mark.parametrize("kind", ["z-rotation", "general-rotation"])
+def test_e3_equivariance(model, atoms, kind):
+    rng = np.random.default_rng(7)
+    if kind == "z-rotation":
+        rot = Rotation.from_euler("z", 37.0, degrees=True).as_matrix()
+        layers = None  # automatic layer detection must agree after an in-plane rotation
+    else:
+        rot = Rotation.random(random_state=11).as_matrix()
+        from ase_mlks.core.graph import assign_layers
+        layers = [assign_layers(atoms)]
+    b = _transform(atoms, rot, rng.normal(size=3) * 3.0)
+    g0, o0 = run(model, atoms, layers=layers, hamiltonian=True)
+    g1, o1 = run(model, b, layers=layers, hamiltonian=True)
+    assert torch.allclose(g0.layer, g1.layer)
+    assert abs(float(o0["energy"][0] - o1["energy"][0])) < TOL
+    f0 = o0["forces"].detach().numpy()
+    f1 = o1["forces"].detach().numpy()
+    assert np.abs(f0 @ rot.T - f1).max() < TOL
+    assert torch.allclose(o0["raer"], o1["raer"], atol=TOL)
+    basis = model.basis
+    n = model.norb
+    sp = g0.species.numpy()
+    dmat = [basis.rotation_matrix(model.species[s], rot) for s in range(len(model.species))]
+    on0 = o0["onsite"].detach().numpy()
+    on1 = o1["onsite"].detach().numpy()
+    for a in range(len(atoms)):
+        k = n[sp[a]]
+        expect = dmat[sp[a]] @ on0[a, :k, :k] @ dmat[sp[a]].T
+        assert np.abs(expect - on1[a, :k, :k]).max() < TOL
+    m0, m1 = _block_map(g0), _block_map(g1)
+    assert set(m0) == set(m1)
+    h0 = o0["hop"].detach().numpy()
+    h1 = o1["hop"].detach().numpy()
+    worst = 0.0
+    for key, e0 in m0.items():
+        i, j = key[0], key[1]
+        ki, kj = n[sp[i]], n[sp[j]]
+        expect = dmat[sp[i]] @ h0[e0, :ki, :kj] @ dmat[sp[j]].T
+        worst = max(worst, np.abs(expect - h1[m1[key], :ki, :kj]).max())
+    assert worst < TOL
+    # The blocks are not trivially zero or isotropic.
+    assert np.abs(h0).max() > 1e-2
+    assert np.abs(on0 - on0[:, :1, :1] * np.eye(model.nmax)).max() > 1e-3
+
+
+def test_hermitian_and_atom_order(model, atoms):
+    g, out = run(model, atoms, hamiltonian=True)
+    hop = out["hop"].detach()
+    assert torch.allclose(hop, hop[g.h_rev].transpose(1, 2), atol=1e-12)
+    on = out["onsite"].detach()
+    assert torch.allclose(on, on.transpose(1, 2), atol=1e-12)
+    perm = np.random.default_rng(0).permutation(len(atoms))
+    gp, op = run(model, atoms[perm], layers=[g.layer.numpy()[perm]], hamiltonian=True)
+    assert abs(float(out["energy"][0] - op["energy"][0])) < TOL
+    assert np.abs(out["forces"].detach().numpy()[perm] - op["forces"].detach().numpy()).max() < TOL
+    assert torch.allclose(on[perm], op["onsite"].detach(), atol=TOL)
+
+
+def test_smooth_cutoff(model, atoms):
+    """Energy is continuous when a neighbour crosses rc (contribution vanishes at rc)."""
+    from ase import Atoms
+    rc = model.rc
+    e = []
+    for d in (rc - 1e-6, rc + 1e-6):
+        b = Atoms("MoS", positions=[[0, 0, 5], [0, 0, 5 + d]], cell=[20, 20, 30],
+                  pbc=(True, True, False))
+        e.append(float(run(model, b, layers=[np.array([0, 1])], forces=False)[1]["energy"][0]))
+    assert abs(e[0] - e[1]) < 1e-8
+
+
+def test_monolayer_has_no_interlayer_edges(model):
+    mono = monolayer("MoS2", size=(2, 2))
+    g, out = run(model, mono, hamiltonian=True)
+    assert int(g.layer.max()) == 0
+    assert torch.isfinite(out["hop"]).all()
+
+
+def test_vacuum_alignment_fit_recovers_polynomial():
+    rng = np.random.default_rng(1)
+    va = VacuumAlignment(degree=2)
+    feat = np.stack([rng.uniform(-0.05, 0.05, 40), rng.uniform(0.8, 1.25, 40)], axis=1)
+    eps, rho = feat[:, 0], feat[:, 1] - 1
+    true = 0.3 - 2.0 * eps + 0.8 * rho + 5.0 * eps * rho - 1.5 * rho**2
+    r2 = va.fit(feat, true)
+    assert r2 > 1 - 1e-10
+    assert np.allclose(va(torch.as_tensor(feat)).numpy(), true, atol=1e-10)
+
+
+def test_vacuum_alignment_shifts_only_its_layer_diagonal(model, atoms):
+    g, out = run(model, atoms, hamiltonian=True)
+    saved = model.alignment.coef.clone()
+    try:
+        model.alignment.coef.zero_()
+        _, base = run(model, atoms, hamiltonian=True)
+    finally:
+        model.alignment.coef.copy_(saved)
+    shift = model.alignment(g.layer_feat).numpy()[g.layer.numpy()]
+    diff = (out["onsite"] - base["onsite"]).detach().numpy()
+    for a, s in enumerate(g.species.numpy()):
+        k = model.norb[s]
+        assert np.allclose(diff[a, :k, :k], shift[a] * np.eye(k), atol=1e-12)
+    assert torch.allclose(out["hop"], base["hop"])
