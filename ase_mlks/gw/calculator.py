@@ -1,0 +1,230 @@
+"""GW band structures from a GPAW ground state, without running GW.
+
+``GWCorrection`` post-processes a GPAW calculator: it encodes |psi_nk|, the pseudobands super
+states and the density with the crystal VAEs and predicts Sigma_nk = eps_GW - eps_DFT with
+the GW head (Eq. 3 of Hou, Wu & Qiu 2024). ``GWCalc`` wraps a DFT calculator so that its
+``get_eigenvalues`` are the corrected energies and ASE's band-structure tools work unchanged.
+
+Material context (super states, density) always comes from a full, symmetry-free 6x6
+Gamma-centred k-grid as in training; if the given calculator is not on such a grid, a
+non-self-consistent GPAW run on it is made (its density is kept).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+from ase.dft.kpoints import BandPath, get_monkhorst_pack_size_and_offset
+from ase.spectrum.band_structure import BandStructure
+
+from ase_mlks.core.calculator import MLCalculator
+from ase_mlks.core.errors import AseMlksError
+
+from .data import GridSpec, check_slab, density_grid, state_moduli, super_states
+from .model import GWModel
+from .trainer import scale_fields
+
+CONTEXT_KMESH = 6  # the uniform k-grid of the training data (paper: 6x6x1)
+EMPTY_BANDS = 20  # empty bands of the context run; reaches E_F + 9 eV in TMDs
+
+
+class HeadNotTrainedError(AseMlksError):
+    """The model's GW head has not been fitted to G0W0 data, so it cannot predict."""
+
+
+def _nocc(calc) -> int:
+    return int(round(calc.get_number_of_electrons() / 2))
+
+
+def _is_full_grid(calc, mesh: int) -> bool:
+    k = np.asarray(calc.get_ibz_k_points())
+    if len(k) != mesh * mesh:
+        return False
+    try:
+        size, offset = get_monkhorst_pack_size_and_offset(k)
+    except ValueError:
+        return False
+    return tuple(size[:2]) == (mesh, mesh) and np.allclose(offset, 0)
+
+
+class GWCorrection:
+    """Quasiparticle corrections for GPAW ground states of 2D materials.
+
+    model: shipped name (``"c2d-pbe"`` -> ``pretrained/gw-c2d-pbe.pt``), path or GWModel.
+    """
+
+    def __init__(self, model: str | GWModel = "c2d-pbe", verbose: bool = False):
+        if isinstance(model, GWModel):
+            self.model = model.eval()
+        else:
+            self.model = GWModel.load(model).eval()
+        hp = self.model.hparams
+        self.spec = GridSpec(nz=hp["nz"], window=hp["window"])
+        self.edges = tuple(hp["super_edges"])
+        self.verbose = verbose
+        self.timings: dict[str, float] = {}
+        self._contexts: dict[int, tuple[Any, torch.Tensor]] = {}
+
+    # -- inputs ---------------------------------------------------------------------------
+    def context_calculator(self, calc):
+        """A calculator with all states on the full 6x6 grid up to E_F + 9 eV."""
+        nb_needed = _nocc(calc) + EMPTY_BANDS
+        if _is_full_grid(calc, CONTEXT_KMESH) and calc.get_number_of_bands() >= nb_needed:
+            return calc
+        kpts = {"size": (CONTEXT_KMESH, CONTEXT_KMESH, 1), "gamma": True}
+        return calc.fixed_density(kpts=kpts, symmetry="off", nbands=nb_needed + 4,
+                                  convergence={"bands": nb_needed}, txt=None)
+
+    def material_context(self, calc) -> torch.Tensor:
+        """Encoded super states + density of ``calc``'s material (cached per calculator)."""
+        key = id(calc)
+        if key not in self._contexts:
+            t0 = time.perf_counter()
+            ctx_calc = self.context_calculator(calc)
+            t1 = time.perf_counter()
+            sup, energies, _ = super_states(ctx_calc, self.spec, self.edges)
+            rho = density_grid(ctx_calc, self.spec)
+            sup_x, _ = scale_fields(sup)
+            rho_x, _ = scale_fields(rho[None])
+            ctx = self.model.context(torch.from_numpy(sup_x),
+                                     torch.as_tensor(energies, dtype=torch.float32),
+                                     torch.from_numpy(rho_x[0]))
+            self.timings.update(context_dft_s=t1 - t0, context_encode_s=time.perf_counter() - t1)
+            self._contexts[key] = (calc, ctx)  # keep calc alive so its id stays unique
+        return self._contexts[key][1]
+
+    def _band_range(self, calc, bands: tuple[int, int] | None) -> tuple[int, int]:
+        nocc = _nocc(calc)
+        n1, n2 = bands if bands is not None else (max(nocc - 4, 0), nocc + 4)
+        if not 0 <= n1 < n2 <= calc.get_number_of_bands():
+            raise ValueError(f"bands={bands!r}: need 0 <= n1 < n2 <= "
+                             f"{calc.get_number_of_bands()} (the calculator's band count)")
+        return n1, n2
+
+    # -- predictions ----------------------------------------------------------------------
+    @torch.no_grad()
+    def corrections(self, calc, bands: tuple[int, int] | None = None,
+                    context_calc=None) -> np.ndarray:
+        """Sigma_nk = eps_GW - eps_DFT (eV), shape (spins, kpts, n2 - n1), at ``calc``'s
+        k-points. ``context_calc`` (default ``calc``) supplies the material context."""
+        if not bool(self.model.head_trained):
+            raise HeadNotTrainedError(
+                "this GW model's head has not been trained on G0W0 data (only its VAEs are); "
+                "it cannot predict quasiparticle corrections — see docs/gw.md")
+        check_slab(calc.get_atoms())
+        ctx = self.material_context(context_calc if context_calc is not None else calc)
+        n1, n2 = self._band_range(calc, bands)
+        t0 = time.perf_counter()
+        mod = state_moduli(calc, range(n1, n2), self.spec)  # (ns, nk, nb, nz, n1, n2)
+        ef = calc.get_fermi_level()
+        ns, nk, nb = mod.shape[:3]
+        eps = np.array([[calc.get_eigenvalues(kpt=k, spin=s)[n1:n2] for k in range(nk)]
+                        for s in range(ns)])
+        x, _ = scale_fields(mod.reshape(-1, *mod.shape[3:]))
+        mu = self.model.state_vae.embed(torch.from_numpy(x))
+        feats = self.model.features(mu, torch.as_tensor((eps - ef).ravel(), dtype=torch.float32),
+                                    ctx)
+        sigma = self.model(feats).numpy().reshape(ns, nk, nb)
+        self.timings["predict_s"] = time.perf_counter() - t0
+        return sigma
+
+    def quasiparticle_energies(self, calc, bands: tuple[int, int] | None = None) -> np.ndarray:
+        """eps_DFT + Sigma (eV), shape (spins, kpts, n2 - n1), at ``calc``'s k-points."""
+        n1, n2 = self._band_range(calc, bands)
+        sigma = self.corrections(calc, (n1, n2))
+        ns, nk = sigma.shape[:2]
+        eps = np.array([[calc.get_eigenvalues(kpt=k, spin=s)[n1:n2] for k in range(nk)]
+                        for s in range(ns)])
+        return eps + sigma
+
+    def band_path_calculator(self, calc, path: str | BandPath = "GMKG", npoints: int = 80,
+                             nbands: int | None = None):
+        """Non-self-consistent GPAW run on a band path (density of ``calc``)."""
+        atoms = calc.get_atoms()
+        if not isinstance(path, BandPath):
+            path = atoms.cell.bandpath(path, npoints=npoints, pbc=[True, True, False])
+        nbands = nbands or _nocc(calc) + 8
+        return calc.fixed_density(kpts=path, symmetry="off", nbands=nbands + 4,
+                                  convergence={"bands": nbands}, txt=None), path
+
+    def band_structure(self, calc, path: str | BandPath = "GMKG", npoints: int = 80,
+                       bands: tuple[int, int] | None = None) -> BandStructure:
+        """ASE BandStructure of quasiparticle energies along ``path`` (reference: DFT E_F)."""
+        t0 = time.perf_counter()
+        self.material_context(calc)
+        n1, n2 = self._band_range(calc, bands)
+        t1 = time.perf_counter()
+        path_calc, bandpath = self.band_path_calculator(calc, path, npoints, nbands=n2 + 1)
+        t2 = time.perf_counter()
+        sigma = self.corrections(path_calc, (n1, n2), context_calc=calc)
+        ns, nk = sigma.shape[:2]
+        eps = np.array([[path_calc.get_eigenvalues(kpt=k, spin=s)[n1:n2] for k in range(nk)]
+                        for s in range(ns)])
+        self.timings.update(path_dft_s=t2 - t1, band_structure_s=time.perf_counter() - t0)
+        self.last_dft_energies = eps
+        return BandStructure(bandpath, eps + sigma, reference=calc.get_fermi_level())
+
+
+class GWCalc(MLCalculator):
+    """ASE calculator wrapping a DFT (GPAW) calculator: eigenvalues are GW-corrected.
+
+    ``bands=(n1, n2)`` selects the corrected window (default: 4 below and 4 above the gap);
+    ``get_eigenvalues`` returns only that window. Energies/forces pass through from ``dft``.
+    """
+
+    implemented_properties = ["energy", "free_energy"]
+    model_class = GWModel
+    default_model = "c2d-pbe"
+
+    def __init__(self, dft, model: str | GWModel | None = None,
+                 bands: tuple[int, int] | None = None, **kwargs):
+        super().__init__(model=model, **kwargs)
+        self.dft = dft
+        self.bands = bands
+        self.gw = GWCorrection(self.model)
+        self._qp: np.ndarray | None = None
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        Calculator.calculate(self, atoms, properties, system_changes)
+        atoms = self.atoms.copy()
+        atoms.calc = self.dft
+        self.results["energy"] = atoms.get_potential_energy()
+        self.results["free_energy"] = self.results["energy"]
+
+    def _energies(self) -> np.ndarray:
+        if self._qp is None:
+            self._qp = self.gw.quasiparticle_energies(self.dft, self.bands)
+        return self._qp
+
+    def get_eigenvalues(self, kpt: int = 0, spin: int = 0) -> np.ndarray:
+        """Quasiparticle energies (eV) of the corrected band window at k-point ``kpt``."""
+        return self._energies()[spin, kpt].copy()
+
+    def get_number_of_bands(self) -> int:
+        return int(self._energies().shape[2])
+
+    def get_fermi_level(self) -> float:
+        return float(self.dft.get_fermi_level())
+
+    def get_ibz_k_points(self) -> np.ndarray:
+        return np.asarray(self.dft.get_ibz_k_points())
+
+    def get_k_point_weights(self) -> np.ndarray:
+        return np.asarray(self.dft.get_k_point_weights())
+
+    def get_number_of_spins(self) -> int:
+        return int(self.dft.get_number_of_spins())
+
+    def get_spin_polarized(self) -> bool:
+        return self.get_number_of_spins() == 2
+
+    def band_structure(self, path: str | BandPath = "GMKG", npoints: int = 80) -> BandStructure:
+        """GW band structure along ``path`` (non-SCF DFT on the path + corrections)."""
+        return self.gw.band_structure(self.dft, path, npoints, self.bands)
+
+
+__all__ = ["GWCorrection", "GWCalc", "HeadNotTrainedError"]
