@@ -52,6 +52,8 @@ class MLCalculator(Calculator):
     def _resolve_model(self, model):
         if model is None:
             model = self.default_model
+        if model is None and self.model_class is None:
+            return None  # an analytic calculator with nothing to load
         if model is None:
             raise AseMlksError(f"{type(self).__name__} needs a model (name, path or instance)")
         if isinstance(model, torch.nn.Module):
@@ -101,7 +103,13 @@ class HamiltonianCalculator(MLCalculator):
             self._electronic = {"hamiltonian": keep}
         return changed
 
+    def set_atoms(self, atoms: Atoms) -> None:
+        """Called by ASE on ``atoms.calc = calc``: later queries follow those atoms."""
+        self._attached = atoms
+
     def _current_atoms(self, atoms: Atoms | None) -> Atoms:
+        if atoms is None:
+            atoms = getattr(self, "_attached", None)
         if atoms is None:
             if self.atoms is None:
                 raise AseMlksError("no structure: attach the calculator to atoms first")

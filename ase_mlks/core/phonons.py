@@ -10,13 +10,15 @@ from tqdm.auto import tqdm
 
 def _to_phonopy(atoms: Atoms):
     from phonopy.structure.atoms import PhonopyAtoms
+    # masses passed explicitly: phonopy would otherwise use its own table, not the atoms'
     return PhonopyAtoms(symbols=atoms.get_chemical_symbols(), cell=np.array(atoms.cell),
-                        scaled_positions=atoms.get_scaled_positions())
+                        scaled_positions=atoms.get_scaled_positions(),
+                        masses=atoms.get_masses())
 
 
 def _to_ase(cell, pbc) -> Atoms:
     return Atoms(symbols=cell.symbols, cell=cell.cell, scaled_positions=cell.scaled_positions,
-                 pbc=pbc)
+                 masses=cell.masses, pbc=pbc)
 
 
 def make_phonopy(atoms: Atoms, calc: Calculator, supercell=(3, 3, 3),

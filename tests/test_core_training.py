@@ -1,0 +1,64 @@
+"""Shared Trainer: learning, resume, and DDP (2 gloo processes) == 1 process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ase_mlks.core.checkpoint import load_checkpoint
+
+HERE = Path(__file__).parent
+
+
+def _run(args, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    env.update(env_extra or {})
+    subprocess.run([sys.executable, *args], check=True, env=env, timeout=300,
+                   capture_output=True)
+
+
+def test_ddp_two_processes_match_single_process(tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "ddp"
+    _run([str(HERE / "ddp_train_script.py"), str(single)])
+    _run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+          str(HERE / "ddp_train_script.py"), str(multi)])
+    a = torch.load(single / "final.pt")
+    b = torch.load(multi / "final.pt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-6)
+    # and training did something
+    assert load_checkpoint(single / "best.pt")["extra"]["epoch"] >= 1
+
+
+def test_fit_learns_and_resumes(tmp_path):
+    sys.path.insert(0, str(HERE))
+    from ddp_train_script import Linear, loss_fn
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+    data = list(zip(x, y))
+    from ase_mlks.core.training import Trainer
+
+    t = Trainer(Linear(), loss_fn, data[:48], data[48:], batch_size=16, lr=0.05,
+                max_epochs=4, workdir=tmp_path, progress=False)
+    hist = t.fit()
+    assert len(hist) == 4 and hist[-1]["train_loss"] < hist[0]["train_loss"]
+    t2 = Trainer(Linear(), loss_fn, data[:48], data[48:], batch_size=16, lr=0.05,
+                 max_epochs=8, workdir=tmp_path, progress=False)
+    assert t2.epoch == 4  # resumed from last.pt
+    hist2 = t2.fit()
+    assert len(hist2) == 8 and hist2[-1]["val_loss"] <= hist[-1]["val_loss"]
+    lines = (tmp_path / "metrics.jsonl").read_text().strip().splitlines()
+    assert len(lines) == 8
+
+
+def test_batch_not_divisible_by_world_size_is_rejected(monkeypatch):
+    from ase_mlks.core import training
+    monkeypatch.setattr(training, "distributed_context", lambda: (0, 3))
+    with pytest.raises(ValueError, match="not divisible"):
+        training.Trainer(torch.nn.Linear(1, 1), lambda m, b: (None, {}), [1], batch_size=8,
+                         progress=False, resume=False, workdir="/tmp/unused")
