@@ -1,0 +1,175 @@
+"""Energy minimization of the DL functional: in the VAE latent space, and naively in density space.
+
+Latent descent (Costa et al., Eq. 14): minimize E[z] = F[D(z)] + int V D(z) over z with
+Adam (or plain gradient descent) and autograd, from the mean encoding of the training set;
+positivity and normalization are built into the decoder.  Density descent (Eq. 10):
+n <- n - eta (dF/dn + V - mu) with mu keeping int n = 1, the unstable baseline.
+Energies in E0, densities in 1/a0^ndim on the testbed grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .model import OFDFTModel
+
+# Default descent settings per testbed (normalized latent units, see ``latent_descent``).
+DESCENT_DEFAULTS = {"steps": 400, "lr": 0.1, "lr_final": 1e-3}
+# Plain-GD step of the naive density descent (a0^ndim E0^-1 per step), per testbed.
+DENSITY_ETA = {"gauss1d": 1e-4, "speckle1d": 5e-3, "gauss3d": 2e-4}
+
+_MODEL_CACHE: dict[str, OFDFTModel] = {}
+
+
+def load_model(model: str | Path | OFDFTModel = "gauss3d") -> OFDFTModel:
+    """A trained ``OFDFTModel`` from a shipped name ('gauss1d', ...), a path, or an instance."""
+    if isinstance(model, OFDFTModel):
+        return model.eval()
+    key = str(model)
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE[key] = OFDFTModel.load(model).eval()
+    return _MODEL_CACHE[key]
+
+
+@dataclass
+class OFDFTResult:
+    """Result of one minimization: ``energy`` (E0), ``density`` (grid of ``potential``),
+    ``latent`` (l_d,) (None for density descent), ``steps`` taken, energy ``history``."""
+
+    energy: float
+    density: np.ndarray
+    latent: np.ndarray | None
+    steps: int
+    history: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+
+
+def _as_batch(potential: np.ndarray | torch.Tensor, shape: tuple[int, ...]
+              ) -> tuple[torch.Tensor, bool]:
+    v = torch.as_tensor(np.asarray(potential, dtype=np.float32))
+    if tuple(v.shape) == shape:
+        return v.unsqueeze(0), True
+    if tuple(v.shape[1:]) == shape:
+        return v, False
+    raise ValueError(f"potential has shape {tuple(v.shape)}; this model's grid is {shape} "
+                     f"(or a batch (B, *{shape}))")
+
+
+def latent_descent(model: OFDFTModel, potentials: torch.Tensor, *, steps: int | None = None,
+                   lr: float | None = None, lr_final: float | None = None,
+                   optimizer: str = "adam", z0: torch.Tensor | None = None, tol: float = 1e-8,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, np.ndarray]:
+    """Minimize E[z] for a batch of potentials (B, *shape) (E0).
+
+    The optimizer works on u = (z - z_init) / z_std, so ``lr`` is in units of the spread of
+    the training encodings whatever beta is; it decays exponentially to ``lr_final``.
+    Stops early once no energy changed by more than ``tol`` E0 over 20 steps.
+    Returns (z (B, l_d), energies (B,), densities (B, *shape), steps, history (steps, B)).
+    """
+    steps = steps or DESCENT_DEFAULTS["steps"]
+    lr = lr or DESCENT_DEFAULTS["lr"]
+    lr_final = lr_final or DESCENT_DEFAULTS["lr_final"]
+    vae = model.vae
+    b = potentials.shape[0]
+    scale = vae.z_std.clamp_min(1e-6)
+    start = z0 if z0 is not None else vae.z_init.expand(b, -1)
+    u = ((start - vae.z_init) / scale).detach().clone().requires_grad_(True)
+    if optimizer == "adam":
+        opt = torch.optim.Adam([u], lr=lr)
+    elif optimizer == "gd":
+        opt = torch.optim.SGD([u], lr=lr)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use 'adam' or 'gd'")
+    gamma = (lr_final / lr) ** (1.0 / max(steps - 1, 1))
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
+    history = []
+    frozen = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():  # weight gradients are not needed: halves the backward cost
+        p.requires_grad_(False)
+    try:
+        step = 0
+        for step in range(1, steps + 1):
+            opt.zero_grad(set_to_none=True)
+            e, _ = model.energy(vae.z_init + u * scale, potentials)
+            e.sum().backward()  # instances are independent (BatchNorm in eval mode)
+            opt.step()
+            sched.step()
+            history.append(e.detach().numpy().copy())
+            if step > 20 and np.abs(history[-1] - history[-21]).max() < tol:
+                break
+        with torch.no_grad():
+            z = vae.z_init + u.detach() * scale
+            e, n = model.energy(z, potentials)
+    finally:
+        for p, flag in zip(model.parameters(), frozen):
+            p.requires_grad_(flag)
+    return z, e, n, step, np.asarray(history)
+
+
+def density_descent(model: OFDFTModel, potentials: torch.Tensor, *, steps: int | None = None,
+                    eta: float | None = None, n0: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, int, np.ndarray]:
+    """Naive gradient descent of E[n] = F[n] + int V n directly on the grid density.
+
+    n_{t+1} = n_t - eta (dF/dn + V - mu_t), with dF/dn the functional derivative (gradient
+    over dv) and mu_t the grid mean of dF/dn + V, which keeps int n = 1.  Positivity is not
+    enforced, as in the paper.  Starts from the decoded mean encoding unless ``n0`` is given.
+    Returns (energies (B,), densities (B, *shape), steps, history (steps, B)).
+    """
+    steps = steps or DESCENT_DEFAULTS["steps"]
+    eta = eta or DENSITY_ETA.get(model.testbed, 1e-4)
+    dv = model.vae.dv
+    b = potentials.shape[0]
+    with torch.no_grad():
+        n = n0.clone() if n0 is not None else model.vae.decode(
+            model.vae.z_init.expand(b, -1)).clone()
+    dims = tuple(range(1, n.ndim))
+    history = []
+    frozen = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for _ in range(steps):
+            n.requires_grad_(True)
+            f = model.functional(n)
+            (grad,) = torch.autograd.grad(f.sum(), n)
+            with torch.no_grad():
+                e = f + (potentials * n).flatten(1).sum(1) * dv
+                history.append(e.numpy().copy())
+                g = grad / dv + potentials
+                mu = g.mean(dim=dims, keepdim=True)
+                n = (n - eta * (g - mu)).detach()
+        with torch.no_grad():
+            e = model.functional(n) + (potentials * n).flatten(1).sum(1) * dv
+    finally:
+        for p, flag in zip(model.parameters(), frozen):
+            p.requires_grad_(flag)
+    return e, n, steps, np.asarray(history)
+
+
+def solve(potential: np.ndarray, model: str | Path | OFDFTModel = "gauss3d", *,
+          steps: int | None = None, lr: float | None = None, optimizer: str = "adam",
+          z0: np.ndarray | None = None) -> OFDFTResult | list[OFDFTResult]:
+    """Ground state of ``potential`` (E0, the testbed's grid, or a batch of them) by latent descent.
+
+    Returns an ``OFDFTResult`` (a list of them for a batch) with ``energy`` in E0 and
+    ``density`` on the same grid as ``potential``.
+    """
+    m = load_model(model)
+    v, single = _as_batch(potential, m.vae.shape)
+    start = None if z0 is None else torch.as_tensor(np.asarray(z0, np.float32)).reshape(
+        -1, m.vae.latent_dim).expand(v.shape[0], -1)
+    z, e, n, nsteps, hist = latent_descent(m, v, steps=steps, lr=lr, optimizer=optimizer,
+                                           z0=start)
+    results = [OFDFTResult(float(e[i]), n[i].numpy().astype(np.float64), z[i].numpy(), nsteps,
+                           hist[:, i] if hist.size else hist) for i in range(v.shape[0])]
+    return results[0] if single else results
+
+
+def integrated_density_error(n_a: np.ndarray, n_b: np.ndarray, dv: float) -> np.ndarray:
+    """int |n_a - n_b| (dimensionless) per instance of two batches (B, *shape)."""
+    d = np.abs(np.asarray(n_a, float) - np.asarray(n_b, float))
+    return d.reshape(d.shape[0], -1).sum(1) * dv
