@@ -107,55 +107,71 @@ def check_structure(atoms: Atoms, species: Sequence[str], min_distance: float) -
     species_index(atoms.numbers, [atomic_numbers[s] for s in species])
 
 
+def structure_graph(atoms: Atoms, species: Sequence[str], rc: float, h_cutoff: float,
+                    areal_density: float, min_distance: float = 0.0,
+                    layers: np.ndarray | None = None) -> DPGraph:
+    """DPGraph (float64) of one structure; layers from ``core.graph.assign_layers``."""
+    check_structure(atoms, species, min_distance)
+    nl = neighbor_list(atoms, max(rc, h_cutoff))
+    d = np.asarray(nl.distances)
+    if min_distance > 0 and len(d) and d.min() < min_distance:
+        k = int(np.argmin(d))
+        raise StructureError(
+            f"atoms {int(nl.i[k])} and {int(nl.j[k])} are {d[k]:.3f} Å apart, closer than "
+            f"the model's training range ({min_distance:.2f} Å)")
+    ii, jj, ss = np.asarray(nl.i), np.asarray(nl.j), np.asarray(nl.shifts)
+    ff, hh = d < rc, d < h_cutoff
+    hi, hj, hs = ii[hh], jj[hh], ss[hh]
+    lay = np.asarray(layers if layers is not None else assign_layers(atoms), dtype=np.int64)
+    zs = [atomic_numbers[s] for s in species]
+    f64, i64 = torch.float64, torch.int64
+    return DPGraph(
+        species=torch.as_tensor(species_index(atoms.numbers, zs), dtype=i64),
+        positions=torch.as_tensor(atoms.positions, dtype=f64),
+        cell=torch.as_tensor(np.asarray(atoms.cell)[None], dtype=f64),
+        batch=torch.zeros(len(atoms), dtype=i64),
+        layer=torch.as_tensor(lay, dtype=i64),
+        layer_feat=torch.as_tensor(layer_features(atoms, lay, areal_density), dtype=f64),
+        ff_i=torch.as_tensor(ii[ff], dtype=i64), ff_j=torch.as_tensor(jj[ff], dtype=i64),
+        ff_shift=torch.as_tensor(ss[ff].reshape(-1, 3), dtype=f64),
+        h_i=torch.as_tensor(hi, dtype=i64), h_j=torch.as_tensor(hj, dtype=i64),
+        h_shift=torch.as_tensor(hs.reshape(-1, 3), dtype=f64),
+        h_rev=torch.as_tensor(reverse_edges(hi, hj, hs), dtype=i64),
+        natoms=torch.tensor([len(atoms)], dtype=i64),
+        volume=torch.tensor([abs(atoms.cell.volume)], dtype=f64),
+    )
+
+
+def batch_graphs(graphs: Sequence[DPGraph]) -> DPGraph:
+    """Concatenate single-structure graphs into one batch (indices offset)."""
+    if len(graphs) == 1:
+        return graphs[0]
+    out: dict[str, list] = {f.name: [] for f in fields(DPGraph)}
+    n0 = h0 = l0 = 0
+    for b, g in enumerate(graphs):
+        n = len(g.species)
+        for f in fields(DPGraph):
+            t = getattr(g, f.name)
+            if f.name in ("ff_i", "ff_j", "h_i", "h_j"):
+                t = t + n0
+            elif f.name == "h_rev":
+                t = t + h0
+            elif f.name == "layer":
+                t = t + l0
+            elif f.name == "batch":
+                t = torch.full_like(t, b)
+            out[f.name].append(t)
+        n0 += n
+        h0 += len(g.h_i)
+        l0 += len(g.layer_feat)
+    return DPGraph(**{k: torch.cat(v) for k, v in out.items()})
+
+
 def build_graph(structures: Sequence[Atoms], species: Sequence[str], rc: float,
                 h_cutoff: float, areal_density: float, min_distance: float = 0.0,
                 layers: Sequence[np.ndarray] | None = None) -> DPGraph:
-    """Pack structures into one DPGraph (float64); layers from ``core.graph.assign_layers``."""
-    parts: dict[str, list] = {k: [] for k in (
-        "species", "positions", "cell", "batch", "layer", "layer_feat", "ff_i", "ff_j",
-        "ff_shift", "h_i", "h_j", "h_shift", "h_rev", "natoms", "volume")}
-    n0 = 0
-    h0 = 0
-    l0 = 0
-    for b, atoms in enumerate(structures):
-        check_structure(atoms, species, min_distance)
-        n = len(atoms)
-        nl_h = neighbor_list(atoms, max(rc, h_cutoff))
-        d = np.asarray(nl_h.distances)
-        if min_distance > 0 and len(d) and d.min() < min_distance:
-            k = int(np.argmin(d))
-            raise StructureError(
-                f"atoms {int(nl_h.i[k])} and {int(nl_h.j[k])} are {d[k]:.3f} Å apart, closer "
-                f"than the model's training range ({min_distance:.2f} Å)")
-        ii, jj, ss = (np.asarray(nl_h.i), np.asarray(nl_h.j), np.asarray(nl_h.shifts))
-        ff = d < rc
-        hh = d < h_cutoff
-        hi, hj, hs = ii[hh], jj[hh], ss[hh]
-        lay = np.asarray(layers[b] if layers is not None else assign_layers(atoms), dtype=np.int64)
-        parts["species"].append(species_index(atoms.numbers, [atomic_numbers[s] for s in species]))
-        parts["positions"].append(atoms.positions)
-        parts["cell"].append(np.asarray(atoms.cell)[None])
-        parts["batch"].append(np.full(n, b))
-        parts["layer"].append(lay + l0)
-        parts["layer_feat"].append(layer_features(atoms, lay, areal_density))
-        parts["ff_i"].append(ii[ff] + n0)
-        parts["ff_j"].append(jj[ff] + n0)
-        parts["ff_shift"].append(ss[ff])
-        parts["h_i"].append(hi + n0)
-        parts["h_j"].append(hj + n0)
-        parts["h_shift"].append(hs)
-        parts["h_rev"].append(reverse_edges(hi, hj, hs) + h0)
-        parts["natoms"].append([n])
-        parts["volume"].append([abs(atoms.cell.volume)])
-        n0 += n
-        h0 += len(hi)
-        l0 += int(lay.max()) + 1
-    f64 = {"positions", "cell", "layer_feat", "ff_shift", "h_shift", "volume"}
-    out = {}
-    for k, v in parts.items():
-        a = np.concatenate(v) if v else np.zeros(0)
-        out[k] = torch.as_tensor(a, dtype=torch.float64 if k in f64 else torch.int64)
-    out["ff_shift"] = out["ff_shift"].reshape(-1, 3)
-    out["h_shift"] = out["h_shift"].reshape(-1, 3)
-    out["layer_feat"] = out["layer_feat"].reshape(-1, 2)
-    return DPGraph(**out)
+    """One batched DPGraph of several structures (see :func:`structure_graph`)."""
+    return batch_graphs([
+        structure_graph(a, species, rc, h_cutoff, areal_density, min_distance,
+                        None if layers is None else layers[b])
+        for b, a in enumerate(structures)])

@@ -80,14 +80,14 @@ class VacuumAlignment(nn.Module):
 
     def forward(self, layer_feat: torch.Tensor) -> torch.Tensor:
         """Shift per layer (nlayers,) in eV."""
-        return self.features(layer_feat.double()) @ self.coef
+        return self.features(layer_feat.to(self.coef.dtype)) @ self.coef
 
     def fit(self, layer_feat: np.ndarray, shift: np.ndarray, rcond: float = 1e-8) -> float:
         """Least-squares fit to measured per-layer shifts (eV); returns the R^2 of the fit."""
         x = self.features(torch.as_tensor(np.asarray(layer_feat), dtype=torch.float64)).numpy()
         y = np.asarray(shift, dtype=np.float64)
         coef, *_ = np.linalg.lstsq(x, y, rcond=rcond)
-        self.coef.copy_(torch.as_tensor(coef))
+        self.coef.copy_(torch.as_tensor(coef, dtype=self.coef.dtype))
         resid = y - x @ coef
         ss = float(((y - y.mean()) ** 2).sum())
         return 1.0 - float((resid**2).sum()) / ss if ss > 0 else 1.0
@@ -107,9 +107,12 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         n_radial: Gaussian basis size for hopping distances.
         intra_hidden, inter_hidden, onsite_hidden: widths of the H coefficient nets.
         areal_density: unstrained atoms per Å^2 of one layer (strain of the alignment).
-        min_distance: smallest interatomic distance seen in training (Å).
+        min_distance: closest approach accepted (Å), set by the trainer from its data.
         alignment_degree: polynomial degree of the vacuum alignment.
+        manifold_electrons: electrons per atom in the Wannier manifold, per element.
     """
+
+    pretrained_prefix = "dpwannier-"
 
     def __init__(self, species: tuple[str, ...] = ("Mo", "S"),
                  orbitals: dict[str, str] | None = None, rc: float = 7.0, rcs: float = 2.0,
@@ -119,7 +122,7 @@ class DPWannierModel(nn.Module, CheckpointMixin):
                  intra_hidden: tuple[int, ...] = (64, 32), inter_hidden: tuple[int, ...] = (32, 16),
                  onsite_hidden: tuple[int, ...] = (64, 32), areal_density: float = 0.3424,
                  min_distance: float = 1.8, alignment_degree: int = 2,
-                 env_norm: float = 100.0):
+                 env_norm: float = 100.0, manifold_electrons: dict[str, float] | None = None):
         super().__init__()
         orbitals = dict(orbitals or {"Mo": "4d", "S": "3p"})
         self.hparams = dict(
@@ -128,7 +131,10 @@ class DPWannierModel(nn.Module, CheckpointMixin):
             env_channels=env_channels, n_radial=n_radial, intra_hidden=list(intra_hidden),
             inter_hidden=list(inter_hidden), onsite_hidden=list(onsite_hidden),
             areal_density=areal_density, min_distance=min_distance,
-            alignment_degree=alignment_degree, env_norm=env_norm)
+            alignment_degree=alignment_degree, env_norm=env_norm,
+            manifold_electrons=dict(manifold_electrons or {"Mo": 2.0, "S": 6.0}))
+        # Electrons each atom brings into the Wannier manifold (Mo4+ d^2, S2- p^6 for MoS2).
+        self.manifold_electrons = self.hparams["manifold_electrons"]
         self.species = list(species)
         self.numbers = [atomic_numbers[s] for s in species]
         self.basis = OrbitalBasis(orbitals)

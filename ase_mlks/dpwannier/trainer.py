@@ -1,0 +1,303 @@
+"""DPWannierTrainer: two-stage training of DPWannierModel on the GPAW reference data.
+
+Stage 1 fits the force field (descriptor + fitting nets) on energies and forces (and stress
+where the reference has it). Stage 2 freezes it and fits the Hamiltonian heads (on-site,
+intra-layer, inter-layer, environment tensors) on the Wannier H(R) elements. Afterwards the
+vacuum-level alignment polynomial is fitted to the per-layer on-site residuals. Both stages
+run on ``core.training.Trainer`` (resumable from ``workdir/stage*/last.pt``, DDP under
+torchrun). Reproduce the shipped model with the command in docs/dpwannier.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ase_mlks.core.checkpoint import hash_file
+from ase_mlks.core.dataset import StructureDataset
+from ase_mlks.core.training import Trainer, distributed_context
+
+from .data import DPWannierData, Sample, collate
+from .graph import batch_graphs
+from .model import DPWannierModel
+
+H_THRESHOLD = 1e-3  # eV: elements counted in the H metrics (as the paper)
+
+
+def stable_split(keys: Sequence[str], val_fraction: float = 0.2) -> tuple[list[str], list[str]]:
+    """Train/held-out split by a hash of each key: stable while the data set grows."""
+    train, val = [], []
+    for k in sorted(keys):
+        h = int(hashlib.sha256(k.encode()).hexdigest()[:8], 16) / 16**8
+        (val if h < val_fraction else train).append(k)
+    return train, val
+
+
+def ff_parameters(model: DPWannierModel) -> list[torch.nn.Parameter]:
+    return [*model.descriptor.parameters(), *model.fit_hidden.parameters(),
+            *model.fit_out.parameters()]
+
+
+def h_parameters(model: DPWannierModel) -> list[torch.nn.Parameter]:
+    return [*model.heads.parameters(), *model.env_weights.parameters()]
+
+
+def _freeze(model: DPWannierModel, stage: int) -> None:
+    for p in ff_parameters(model):
+        p.requires_grad_(stage == 1)
+    for p in h_parameters(model):
+        p.requires_grad_(stage == 2)
+
+
+def _dtype(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def force_field_loss(model, batch: Sample, w_energy: float = 1.0, w_forces: float = 1.0,
+                     w_stress: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """MSE of per-atom energies (eV/atom)^2 and forces (eV/Å)^2; metrics in meV."""
+    dtype = _dtype(model)
+    g = batch.graph.to(dtype)
+    use_stress = w_stress > 0 and batch.stress is not None
+    out = model(g, forces=True, stress=use_stress, create_graph=model.training)
+    n = g.natoms.to(dtype)
+    de = (out["energy"] - batch.energy.to(dtype)) / n
+    df = out["forces"] - batch.forces.to(dtype)
+    loss = w_energy * (de**2).mean() + w_forces * (df**2).mean()
+    metrics = {"e_mae_meV_atom": 1e3 * float(de.detach().abs().mean()),
+               "f_mae_meV_A": 1e3 * float(df.detach().abs().mean())}
+    if use_stress:
+        ds = out["stress"] - batch.stress.to(dtype)
+        loss = loss + w_stress * (ds**2).mean()
+        metrics["s_mae_meV_A3"] = 1e3 * float(ds.abs().mean())
+    return loss, metrics
+
+
+def element_masks(model: DPWannierModel, batch: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean masks of the real on-site (N, nmax, nmax) and hopping (H, ...) elements."""
+    g = batch.graph
+    om = model.orbital_mask(g.species)
+    on = om[:, :, None] & om[:, None, :]
+    hop = om[g.h_i][:, :, None] & om[g.h_j][:, None, :] & batch.hop_mask[:, None, None]
+    return on, hop
+
+
+def hamiltonian_loss(model, batch: Sample, w_onsite: float = 1.0
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+    """MSE over all reference H elements inside the cutoff; MAE (meV) over |H| > 1 meV."""
+    dtype = _dtype(model)
+    g = batch.graph.to(dtype)
+    out = model(g, forces=False, hamiltonian=True)
+    inner = model.module if hasattr(model, "module") else model
+    on_m, hop_m = element_masks(inner, batch)
+    d_on = (out["onsite"] - batch.onsite.to(dtype))[on_m]
+    t_hop = batch.hop.to(dtype)[hop_m]
+    d_hop = out["hop"][hop_m] - t_hop
+    loss = w_onsite * (d_on**2).mean() + (d_hop**2).mean()
+    big = t_hop.abs() > H_THRESHOLD
+    d_all = torch.cat([d_on, d_hop[big]])
+    return loss, {"h_mae_meV": 1e3 * float(d_all.abs().mean()),
+                  "onsite_mae_meV": 1e3 * float(d_on.abs().mean()),
+                  "hop_mae_meV": 1e3 * float(d_hop[big].abs().mean())}
+
+
+@torch.no_grad()
+def initialize_from_data(model: DPWannierModel, samples: Sequence[Sample]) -> None:
+    """Descriptor normalization, per-species energy bias and mean on-site energies."""
+    dtype = _dtype(model)
+    g = batch_graphs([s.graph for s in samples]).to(dtype)
+    model.set_descriptor_stats(g)
+    # Closest approach the calculator accepts: 85% of the shortest distance in the data.
+    vec = model._vectors(g.positions, g.cell, g.batch, g.ff_i, g.ff_j, g.ff_shift)
+    dmin = 0.85 * float(vec.norm(dim=1).min())
+    model.min_distance = dmin
+    model.hparams["min_distance"] = round(dmin, 3)
+    counts = np.array([np.bincount(s.graph.species.numpy(), minlength=len(model.species))
+                       for s in samples], float)
+    energies = np.array([float(s.energy[0]) for s in samples])
+    bias, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    model.e_bias.copy_(torch.as_tensor(bias, dtype=model.e_bias.dtype))
+    with_h = [s for s in samples if s.onsite is not None]
+    if with_h:
+        on = torch.cat([s.onsite for s in with_h])
+        sp = torch.cat([s.graph.species for s in with_h])
+        for a in range(len(model.species)):
+            if (sp == a).any():
+                diag = torch.diagonal(on[sp == a], dim1=1, dim2=2).mean(0)
+                model.onsite_bias[a].copy_(diag.to(model.onsite_bias.dtype))
+
+
+@torch.no_grad()
+def fit_alignment(model: DPWannierModel, samples: Sequence[Sample]) -> dict:
+    """Fit C(strain, N_out/N_in) to per-layer mean on-site diagonal residuals (eV)."""
+    saved = model.alignment.coef.clone()
+    model.alignment.coef.zero_()
+    feats, shifts = [], []
+    dtype = _dtype(model)
+    for s in samples:
+        if s.onsite is None:
+            continue
+        g = s.graph.to(dtype)
+        out = model(g, forces=False, hamiltonian=True)
+        om = model.orbital_mask(g.species)
+        resid = torch.diagonal(s.onsite.to(dtype) - out["onsite"], dim1=1, dim2=2)
+        for lay in range(len(g.layer_feat)):
+            sel = g.layer == lay
+            shifts.append(float(resid[sel][om[sel]].mean()))
+            feats.append(g.layer_feat[lay].double().numpy())
+    if not feats:
+        model.alignment.coef.copy_(saved)
+        return {"fitted": False}
+    feats_a = np.array(feats)
+    r2 = model.alignment.fit(feats_a, np.array(shifts))
+    return {"fitted": True, "n_layers": len(feats), "r2": r2,
+            "strain_range": [float(feats_a[:, 0].min()), float(feats_a[:, 0].max())],
+            "ratio_range": [float(feats_a[:, 1].min()), float(feats_a[:, 1].max())],
+            "mean_shift_meV": 1e3 * float(np.mean(shifts)),
+            "coef": model.alignment.coef.tolist()}
+
+
+class DPWannierTrainer:
+    """Two-stage trainer (force field, then Hamiltonian heads) on a reference HDF5 file.
+
+    Args:
+        data: reference HDF5 (``ase_mlks.reference`` bilayer data).
+        workdir: run directory (stage1/, stage2/ with last.pt, best.pt, metrics.jsonl).
+        model_kwargs: DPWannierModel hyper-parameters.
+        val_fraction: held-out fraction (stable hash split of the keys).
+        prefix: only keys starting with this (None: all structures).
+        max_structures: cap on the number of structures used (None: all).
+        dtype: training precision (float32 is ~2x faster on CPU).
+    """
+
+    def __init__(self, data: str | os.PathLike, workdir: str | os.PathLike = "runs/dpwannier",
+                 model_kwargs: dict | None = None, val_fraction: float = 0.2,
+                 prefix: str | None = None, max_structures: int | None = None,
+                 dtype: torch.dtype = torch.float32, progress: bool = True, seed: int = 0):
+        self.data = Path(data)
+        self.workdir = Path(workdir)
+        self.progress, self.seed = progress, seed
+        with StructureDataset(self.data, "r") as ds:
+            keys = sorted(k for k in ds.keys() if prefix is None or k.startswith(prefix))
+        if max_structures is not None:
+            keys = keys[:max_structures]
+        self.train_keys, self.val_keys = stable_split(keys, val_fraction)
+        self.model = DPWannierModel(**(model_kwargs or {})).to(dtype)
+        self.train_set = DPWannierData(self.data, self.train_keys, self.model)
+        self.val_set = DPWannierData(self.data, self.val_keys, self.model) if self.val_keys \
+            else None
+        self.data_hash = hash_file(self.data)
+        init = self.workdir / "init.pt"
+        if init.exists():
+            self.model.load_state_dict(torch.load(init, map_location="cpu"))
+        else:
+            torch.manual_seed(seed)
+            initialize_from_data(self.model, [self.train_set[i]
+                                              for i in range(min(16, len(self.train_set)))])
+            rank, _ = distributed_context()
+            if rank == 0:
+                self.workdir.mkdir(parents=True, exist_ok=True)
+                torch.save(self.model.state_dict(), init)
+
+    def _trainer(self, stage: int, epochs: int, lr: float, batch_size: int, **kw) -> Trainer:
+        _freeze(self.model, stage)
+        params = ff_parameters(self.model) if stage == 1 else h_parameters(self.model)
+        loss = force_field_loss if stage == 1 else hamiltonian_loss
+        return Trainer(self.model, loss, self.train_set, self.val_set, collate_fn=collate,
+                       batch_size=batch_size, lr=lr, max_epochs=epochs, parameters=params,
+                       workdir=self.workdir / f"stage{stage}", progress=self.progress,
+                       seed=self.seed, data_hash=self.data_hash, lr_patience=8, patience=40,
+                       checkpoint_extra={"stage": stage, "n_train": len(self.train_keys),
+                                         "n_val": len(self.val_keys)}, **kw)
+
+    def stage1(self, epochs: int = 200, lr: float = 2e-3, batch_size: int = 4) -> list[dict]:
+        """Fit the force field on energies and forces."""
+        return self._trainer(1, epochs, lr, batch_size).fit()
+
+    def stage2(self, epochs: int = 200, lr: float = 2e-3, batch_size: int = 4) -> list[dict]:
+        """Freeze the force field; fit the Hamiltonian heads on H(R) elements."""
+        stage1_best = self.workdir / "stage1" / "best.pt"
+        if stage1_best.exists() and not (self.workdir / "stage2" / "last.pt").exists():
+            ff = torch.load(stage1_best, map_location="cpu", weights_only=False)["state_dict"]
+            self.model.load_state_dict(ff)
+        return self._trainer(2, epochs, lr, batch_size).fit()
+
+    def finish(self, output: str | os.PathLike) -> dict:
+        """Fit the vacuum alignment, evaluate on the held-out set, save the checkpoint."""
+        _freeze(self.model, 0)
+        self.model.eval()
+        train = [self.train_set[i] for i in range(len(self.train_set))]
+        info = {"alignment": fit_alignment(self.model, train),
+                "n_train": len(self.train_keys), "n_val": len(self.val_keys),
+                "val_keys": self.val_keys}
+        if self.val_set is not None:
+            info["val"] = evaluate(self.model, [self.val_set[i] for i in range(len(self.val_set))])
+        rank, _ = distributed_context()
+        if rank == 0:
+            self.model.save(output, data_hash=self.data_hash, extra=info)
+        return info
+
+
+def evaluate(model: DPWannierModel, samples: Sequence[Sample]) -> dict:
+    """Energy/force/H errors over samples (meV units) and the flat parity data."""
+    dtype = _dtype(model)
+    e_err, f_ref, f_pred, h_ref, h_pred = [], [], [], [], []
+    for s in samples:
+        g = s.graph.to(dtype)
+        out = model(g, forces=True, hamiltonian=s.onsite is not None)
+        e_err.append(float((out["energy"][0].detach() - s.energy[0]) / len(s.forces)))
+        f_ref.append(s.forces.numpy().ravel())
+        f_pred.append(out["forces"].detach().double().numpy().ravel())
+        if s.onsite is not None:
+            on_m, hop_m = element_masks(model, s)
+            h_ref += [s.onsite[on_m].numpy(), s.hop[hop_m].numpy()]
+            h_pred += [out["onsite"].detach()[on_m].double().numpy(),
+                       out["hop"].detach()[hop_m].double().numpy()]
+    res = {"n": len(samples), "energy_mae_meV_atom": 1e3 * float(np.mean(np.abs(e_err))),
+           "force_mae_meV_A": 1e3 * float(np.mean(np.abs(np.concatenate(f_ref)
+                                                        - np.concatenate(f_pred))))}
+    if h_ref:
+        hr, hp = np.concatenate(h_ref), np.concatenate(h_pred)
+        big = np.abs(hr) > H_THRESHOLD
+        res["h_mae_meV"] = 1e3 * float(np.mean(np.abs(hr[big] - hp[big])))
+        res["h_elements"] = int(big.sum())
+    return res
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Train DPWannierModel on GPAW reference data")
+    p.add_argument("--data", default="data/mos2_bilayer.h5")
+    p.add_argument("--workdir", default="runs/dpwannier")
+    p.add_argument("--output", default="ase_mlks/pretrained/dpwannier-mos2-bilayer.pt")
+    p.add_argument("--epochs1", type=int, default=200)
+    p.add_argument("--epochs2", type=int, default=200)
+    p.add_argument("--lr1", type=float, default=2e-3)
+    p.add_argument("--lr2", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--prefix", default=None)
+    p.add_argument("--max-structures", type=int, default=None)
+    p.add_argument("--model-kwargs", default="{}", help="JSON of DPWannierModel arguments")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stage", choices=["1", "2", "all"], default="all")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tr = DPWannierTrainer(args.data, args.workdir, json.loads(args.model_kwargs),
+                          prefix=args.prefix, max_structures=args.max_structures)
+    print(f"train {len(tr.train_keys)} / held-out {len(tr.val_keys)} structures")
+    if args.stage in ("1", "all"):
+        tr.stage1(args.epochs1, args.lr1, args.batch_size)
+    if args.stage in ("2", "all"):
+        tr.stage2(args.epochs2, args.lr2, args.batch_size)
+        info = tr.finish(args.output)
+        print(json.dumps({k: v for k, v in info.items() if k != "val_keys"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""DPWannierTrainer (two stages, resume, checkpoint) and DPWannierCalc (ASE API, bands,
+errors) on a small data set labelled by a fixed random 'teacher' DPWannierModel — a known
+target the student must learn, not a stand-in for the GPAW data (that is benchmarks/)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase.dft.kpoints import BandPath
+from ase.optimize import BFGS
+
+from ase_mlks.core.dataset import StructureDataset
+from ase_mlks.core.errors import StructureError, UnknownElementError
+from ase_mlks.dpwannier import DPWannierCalc, DPWannierModel, DPWannierTrainer
+from ase_mlks.structures import bilayer_configuration, monolayer
+
+SMALL = dict(embed=[8, 16], axis=4, fit=[16, 8], h_cutoff=7.0, env_channels=2, n_radial=8,
+             intra_hidden=[16], inter_hidden=[8], onsite_hidden=[16])
+
+
+def _teacher() -> DPWannierModel:
+    torch.manual_seed(42)
+    t = DPWannierModel(**SMALL).double()
+    t.e_bias.copy_(torch.tensor([-10.0, -5.0], dtype=torch.float64))
+    t.onsite_bias[0, :5] = -4.0
+    t.onsite_bias[1, :3] = -7.0
+    t.min_distance = 1.5
+    return t
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dpw") / "teacher.h5"
+    calc = DPWannierCalc(model=_teacher())
+    rng = np.random.default_rng(0)
+    with StructureDataset(path) as ds:
+        for n in range(10):
+            atoms = bilayer_configuration(rng, size=(2, 2), rattle_std=0.05)
+            calc.reset()
+            e = calc.get_potential_energy(atoms)
+            f = calc.get_forces(atoms)
+            ham = calc.get_hamiltonian(atoms)
+            ds.append(f"mos2_2x2_{n:03d}", atoms, energy=np.array(e), forces=f,
+                      writer=lambda g, h=ham: h.to_hdf5(g.create_group("wannier")))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    work = tmp_path_factory.mktemp("run")
+    tr = DPWannierTrainer(dataset, work, model_kwargs=SMALL, progress=False)
+    h1 = tr.stage1(epochs=4, lr=5e-3, batch_size=2)
+    h2 = tr.stage2(epochs=4, lr=5e-3, batch_size=2)
+    out = work / "model.pt"
+    info = tr.finish(out)
+    return dict(trainer=tr, h1=h1, h2=h2, path=out, info=info, work=work, data=dataset)
+
+
+def test_two_stage_training_learns_and_freezes(trained):
+    h1, h2 = trained["h1"], trained["h2"]
+    assert h1[-1]["train_loss"] < h1[0]["train_loss"]
+    assert h2[-1]["train_loss"] < h2[0]["train_loss"]
+    tr = trained["trainer"]
+    assert len(tr.train_keys) + len(tr.val_keys) == 10 and tr.val_keys
+    # stage 2 must not have changed the force field: compare with stage 1's best weights
+    ff = torch.load(trained["work"] / "stage1" / "best.pt", weights_only=False)["state_dict"]
+    sd = tr.model.state_dict()
+    for k, v in ff.items():
+        if k.startswith(("descriptor.", "fit_hidden.", "fit_out.")):
+            assert torch.equal(v, sd[k].to(v.dtype)), k
+    assert "h_mae_meV" in trained["info"]["val"]
+    assert trained["info"]["alignment"]["fitted"]
+
+
+def test_training_resumes(trained):
+    tr = DPWannierTrainer(trained["data"], trained["work"], model_kwargs=SMALL, progress=False)
+    hist = tr.stage1(epochs=5, lr=5e-3, batch_size=2)
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4, 5]
+
+
+@pytest.fixture()
+def calc(trained):
+    return DPWannierCalc(model=str(trained["path"]))
+
+
+def test_calculator_properties(calc):
+    atoms = bilayer_configuration(np.random.default_rng(5), size=(2, 2))
+    atoms.calc = calc
+    e = atoms.get_potential_energy()
+    assert np.isfinite(e) and atoms.get_forces().shape == (24, 3)
+    assert atoms.get_stress().shape == (6,)
+    assert calc.results["free_energy"] == e
+    assert np.isclose(calc.results["energies"].sum(), e)
+    assert calc.get_raer().shape == (24, 8)
+    ham = calc.get_hamiltonian()
+    assert ham.norb == 8 * 5 + 16 * 3
+    assert ham.hermiticity_error() < 1e-12
+
+
+def test_band_structure_paths(calc):
+    atoms = bilayer_configuration(np.random.default_rng(6), size=(2, 2), rattle_probability=0)
+    atoms.calc = calc
+    path = atoms.cell.bandpath("GMKG", npoints=12, pbc=atoms.pbc)
+    bs = calc.band_structure(path=path)
+    assert bs.energies.shape == (1, 12, 88)
+    explicit = BandPath(atoms.cell, kpts=np.array([[0, 0, 0], [0.5, 0, 0], [1 / 3, 1 / 3, 0]]))
+    bs2 = calc.band_structure(path=explicit)
+    assert np.allclose(bs2.energies[0, 0], bs.energies[0, 0])
+    ef = calc.get_fermi_level()
+    assert bs.energies.min() < ef < bs.energies.max()
+    calc.set(kpts=path)
+    assert np.allclose(calc.get_eigenvalues(kpt=0), bs.energies[0, 0])
+
+
+def test_monolayer_and_relaxation(calc):
+    mono = monolayer("MoS2", size=(2, 2))
+    mono.rattle(0.03, seed=1)
+    mono.calc = calc
+    e0 = mono.get_potential_energy()
+    assert calc.get_hamiltonian().norb == 4 * 11
+    opt = BFGS(mono, logfile=None)
+    opt.run(fmax=0.05, steps=5)
+    assert mono.get_potential_energy() <= e0 + 1e-9
+
+
+def test_clear_errors(calc):
+    atoms = bilayer_configuration(np.random.default_rng(7), size=(2, 2))
+    bad = atoms.copy()
+    bad.numbers[0] = 74  # W
+    with pytest.raises(UnknownElementError, match="W"):
+        calc.get_potential_energy(bad)
+    flat = atoms.copy()
+    flat.pbc = False
+    with pytest.raises(StructureError, match="periodic"):
+        calc.get_potential_energy(flat)
+    close = atoms.copy()
+    close.positions[1] = close.positions[0] + [0.5, 0, 0]
+    with pytest.raises(StructureError, match="apart"):
+        calc.get_potential_energy(close)
