@@ -1,0 +1,172 @@
+"""Command line of the reference pipeline.
+
+Examples::
+
+    python -m ase_mlks.reference bilayer --out data/mos2_bilayer.h5 --start 0 --count 100
+    python -m ase_mlks.reference monolayer --materials MoS2 WS2 --out tests/data/ref.h5
+    python -m ase_mlks.reference twisted --index 1 2 --out tests/data/ref.h5 --gamma
+    python -m ase_mlks.reference gw --materials MoS2 MoSe2 --out data/gw_monolayers.h5
+
+Every command skips structures already complete in ``--out`` (resume). ``--workers N``
+runs N structures side by side; ``--mpi N`` re-launches the same command under
+``gpaw -P N`` (GPAW's MPI), for machines whose GPAW is built with MPI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import subprocess
+import sys
+
+from ..core.errors import AseMlksError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output HDF5 file")
+    p.add_argument("--kpts", type=int, nargs=2, default=None, help="SCF k-grid (k1 k2)")
+    p.add_argument("--h", type=float, default=None, help="grid spacing (Å)")
+    p.add_argument("--fast", action="store_true", help="FAST settings (tests)")
+    p.add_argument("--no-d3", action="store_true", help="skip D3 dispersion")
+    p.add_argument("--wannier-kpts", type=int, nargs=2, default=None,
+                   help="k-grid of the non-SCF run for the Wannier H(R)")
+    p.add_argument("--no-wannier", action="store_true")
+    p.add_argument("--h-threshold", type=float, default=1e-3,
+                   help="drop |H(R)| below this (eV) when storing")
+    p.add_argument("--gpaw-bands", action="store_true",
+                   help="store GPAW bands on the G-M-K-G path near the gap")
+    p.add_argument("--ao", action="store_true", help="also store AO H(R), S(R)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--txtdir", default=None, help="directory for GPAW text logs")
+    p.add_argument("--mpi", type=int, default=0, help="re-run under 'gpaw -P N'")
+
+
+def _settings(args, default_kpts):
+    from .settings import DEFAULT, FAST
+
+    s = FAST if args.fast else DEFAULT
+    s = s.with_kpts(args.kpts or default_kpts)
+    if args.h is not None:
+        from dataclasses import replace
+
+        s = replace(s, h=args.h)
+    if args.no_d3:
+        from dataclasses import replace
+
+        s = replace(s, d3=False)
+    return s
+
+
+def _options(args, basis, wannier_kpts):
+    from .pipeline import RecordOptions
+
+    return RecordOptions(
+        wannier_basis={} if args.no_wannier else basis,
+        wannier_kpts=tuple(args.wannier_kpts) if args.wannier_kpts else wannier_kpts,
+        h_threshold=args.h_threshold, gpaw_bands=args.gpaw_bands, ao=args.ao)
+
+
+def _basis_for(atoms) -> dict:
+    from .wannier import TMD_BASIS
+
+    out = {}
+    for s in set(atoms.get_chemical_symbols()):
+        if s not in TMD_BASIS:
+            from ..core.errors import UnknownElementError
+
+            raise UnknownElementError(f"no default Wannier projection for element {s}")
+        out[s] = TMD_BASIS[s]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="python -m ase_mlks.reference", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("bilayer", help="randomly displaced bilayer configurations")
+    _common(p)
+    p.add_argument("--material", default="MoS2")
+    p.add_argument("--supercell", type=int, nargs=2, default=(2, 2))
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--count", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stacking", default="AA")
+    p = sub.add_parser("monolayer", help="monolayers of 2D materials")
+    _common(p)
+    p.add_argument("--materials", nargs="+", default=["MoS2"])
+    p = sub.add_parser("twisted", help="commensurate twisted bilayer (m, n)")
+    _common(p)
+    p.add_argument("--material", default="MoS2")
+    p.add_argument("--index", type=int, nargs=2, default=(1, 2))
+    p = sub.add_parser("gw", help="KS states + G0W0 energies of monolayers")
+    p.add_argument("--out", required=True)
+    p.add_argument("--materials", nargs="+", default=["MoS2"])
+    p.add_argument("--preset", default="default", help="G0W0 settings preset (see gw.py)")
+    p.add_argument("--workdir", default="runs/gw")
+    p.add_argument("--mpi", type=int, default=0)
+    args = parser.parse_args(argv)
+    command = "python -m ase_mlks.reference " + " ".join(shlex.quote(a) for a in argv)
+
+    if args.mpi and not os.environ.get("ASE_MLKS_UNDER_MPI"):
+        rest = [a for i, a in enumerate(argv)
+                if a != "--mpi" and (i == 0 or argv[i - 1] != "--mpi")]
+        cmd = ["gpaw", "-P", str(args.mpi), "python", "-m", "ase_mlks.reference", *rest]
+        env = {**os.environ, "ASE_MLKS_UNDER_MPI": "1"}
+        return subprocess.call(cmd, env=env)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        return _run(args, command)
+    except AseMlksError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args, command: str) -> int:
+    from . import pipeline
+    from .settings import require_gpaw
+
+    require_gpaw()
+    if args.cmd == "gw":
+        from .gw import run_gw_dataset
+
+        run_gw_dataset(args.out, args.materials, preset=args.preset, workdir=args.workdir,
+                       command=command)
+        return 0
+    if args.cmd == "bilayer":
+        items = list(pipeline.bilayer_items(args.start, args.count, seed=args.seed,
+                                            material=args.material,
+                                            size=tuple(args.supercell),
+                                            stacking=args.stacking))
+        n = max(args.supercell)
+        settings = _settings(args, (max(1, 6 // n), max(1, 6 // n)))
+        basis = _basis_for(items[0][1])
+        options = _options(args, basis, (12 // n, 12 // n))
+    elif args.cmd == "monolayer":
+        from ..structures import monolayer
+
+        items = [(f"monolayer_{m}", monolayer(m)) for m in args.materials]
+        settings = _settings(args, (12, 12))
+        basis = _basis_for(items[0][1])
+        options = _options(args, basis, (18, 18))
+    elif args.cmd == "twisted":
+        from ..structures import twisted_bilayer
+
+        m, n = args.index
+        atoms = twisted_bilayer(args.material, m, n)
+        items = [(f"twisted_{args.material}_{m}_{n}", atoms)]
+        settings = _settings(args, (1, 1))
+        options = _options(args, _basis_for(atoms), None)
+    else:  # pragma: no cover
+        raise SystemExit(f"unknown command {args.cmd}")
+    new = pipeline.run_dataset(args.out, items, settings, options, workers=args.workers,
+                               command=command, txtdir=args.txtdir)
+    print(f"{len(new)} new structures written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Kohn-Sham states from GPAW: band paths, |psi_nk(r)| grids, densities.
+
+The arrays here are raw GPAW quantities (eV, Å); model-specific preprocessing (windows,
+channels) lives with the model (e.g. ase_mlks/gw/data.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["gpaw_bands_near_gap", "band_path_energies", "wavefunction_moduli",
+           "z_window", "pseudo_density"]
+
+
+def band_path_energies(calc, path_kpts: np.ndarray, nbands: int | None = None,
+                       txt=None) -> np.ndarray:
+    """Non-self-consistent GPAW eigenvalues (np, nbands) in eV at fractional ``path_kpts``."""
+    kw = {} if nbands is None else {"nbands": nbands}
+    bcalc = calc.fixed_density(kpts=np.asarray(path_kpts), symmetry="off", txt=txt, **kw)
+    bcalc.get_potential_energy()
+    nk = len(path_kpts)
+    return np.array([bcalc.get_eigenvalues(kpt=k) for k in range(nk)])
+
+
+def gpaw_bands_near_gap(calc, path_kpts: np.ndarray, nbands: int = 8) -> np.ndarray:
+    """The ``nbands`` GPAW bands around the gap (half below, half above) on a path, eV."""
+    eps = band_path_energies(calc, path_kpts)
+    nocc = int(round(calc.get_number_of_electrons() / 2))
+    lo = max(0, nocc - nbands // 2)
+    return eps[:, lo: lo + nbands]
+
+
+def z_window(atoms, n3: int, half_width: float) -> slice:
+    """Grid slice along z covering the atoms +- ``half_width`` Å (grid point j at j*c/n3)."""
+    c = atoms.cell[2, 2]
+    z = atoms.positions[:, 2]
+    lo = max(0, int(np.floor((z.min() - half_width) / c * n3)))
+    hi = min(n3, int(np.ceil((z.max() + half_width) / c * n3)) + 1)
+    return slice(lo, hi)
+
+
+def wavefunction_moduli(calc, bands, kpt_indices=None, half_width: float | None = 4.0
+                        ) -> np.ndarray:
+    """|psi_nk(r)| (nk, nb, n1, n2, n3w) in Å^-3/2 on GPAW's grid, cropped along z.
+
+    half_width: keep the z-range of the atoms +- this many Å (None = whole cell).
+    """
+    atoms = calc.get_atoms()
+    nk = len(calc.get_ibz_k_points())
+    kidx = range(nk) if kpt_indices is None else kpt_indices
+    out = []
+    for k in kidx:
+        per = []
+        for n in bands:
+            psi = np.abs(calc.get_pseudo_wave_function(band=int(n), kpt=int(k)))
+            if half_width is not None:
+                psi = psi[:, :, z_window(atoms, psi.shape[2], half_width)]
+            per.append(psi.astype(np.float32))
+        out.append(per)
+    return np.array(out)
+
+
+def pseudo_density(calc, half_width: float | None = 4.0) -> np.ndarray:
+    """Pseudo valence density (n1, n2, n3w) in Å^-3 on GPAW's grid, cropped along z."""
+    rho = np.asarray(calc.get_pseudo_density())
+    if half_width is not None:
+        rho = rho[:, :, z_window(calc.get_atoms(), rho.shape[2], half_width)]
+    return rho.astype(np.float32)

@@ -1,0 +1,255 @@
+"""Resumable reference-data runner: structures in, one HDF5 group per structure out.
+
+* ``compute_slab_record`` runs one LCAO(+D3) ground state and its post-processing
+  (Wannier H(R) with a band-error check, optional AO H(R)/S(R)) and returns plain arrays.
+* ``run_dataset`` feeds (key, atoms) items through a process pool (or serially), skips keys
+  that are already complete in the output file (resume), and writes every finished record
+  atomically: the file is copied, the record appended, and the copy moved into place, so a
+  crash never leaves a half-written file.
+* Under MPI (``gpaw -P N python -m ase_mlks.reference ...``) every structure is computed by
+  all ranks together and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+
+from ..core.dataset import StructureDataset
+from ..core.io import atomic_path
+from .settings import DEFAULT, LCAOSettings, versions
+
+log = logging.getLogger("ase_mlks.reference")
+
+__all__ = ["RecordOptions", "compute_slab_record", "run_dataset", "write_record",
+           "bilayer_items", "existing_keys"]
+
+
+@dataclass(frozen=True)
+class RecordOptions:
+    """What to compute for each slab besides the ground state.
+
+    wannier_basis: projection orbitals ({} to skip Wannier); wannier_kpts: grid of the
+    non-self-consistent calculation the Wannier H(R) is Fourier-transformed from (None: the
+    SCF grid); h_threshold: drop |H_ab(R)| below this (eV) when storing; band_path: special
+    points of the band-error check ('' to skip); band_npoints: points on that path;
+    gpaw_bands: store GPAW's bands on the path for the ``gpaw_nbands`` bands nearest the gap;
+    ao: also store the AO H(R), S(R) of GPAW's LCAO basis.
+    """
+
+    wannier_basis: dict = field(default_factory=lambda: {"Mo": "4d", "S": "3p"})
+    wannier_kpts: tuple[int, int] | None = (6, 6)
+    h_threshold: float = 1e-3
+    band_path: str = "GMKG"
+    band_npoints: int = 31
+    gpaw_bands: bool = False
+    gpaw_nbands: int = 8
+    ao: bool = False
+
+    def todict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _mpi_rank() -> int:
+    try:
+        from gpaw.mpi import world
+
+        return world.rank
+    except ImportError:
+        return 0
+
+
+def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
+                        options: RecordOptions = RecordOptions(), txt: str | None = None
+                        ) -> dict:
+    """Ground state + post-processing of one slab; returns arrays, a TB and metadata."""
+    from .groundstate import run_groundstate
+
+    t0 = time.process_time()
+    w0 = time.time()
+    gs = run_groundstate(atoms, settings, txt=txt)
+    rec: dict = {
+        "arrays": {
+            "energy": np.array(gs.energy),
+            "forces": gs.forces,
+            "energy_dft": np.array(gs.energy_dft),
+            "forces_dft": gs.forces_dft,
+            "energy_d3": np.array(gs.energy_d3),
+            "forces_d3": gs.forces_d3,
+            "eigenvalues": gs.eigenvalues,
+            "ibz_kpts": gs.ibz_kpts,
+            "kweights": gs.kweights,
+            "fermi_level": np.array(gs.fermi_level),
+            "vacuum_level": np.array(gs.vacuum_level),
+            "tags": np.asarray(atoms.get_tags(), np.int32),
+        },
+        "meta": {"cpu_time_groundstate": gs.cpu_time},
+        "groups": {},
+    }
+    if gs.stress is not None:
+        rec["arrays"]["stress"] = gs.stress
+    calc = gs.calc
+    path = atoms.cell.bandpath(options.band_path, npoints=options.band_npoints) \
+        if options.band_path else None
+    if options.wannier_basis:
+        from .wannier import band_error, build_wannier
+
+        wcalc = calc
+        if options.wannier_kpts is not None and tuple(options.wannier_kpts) != \
+                tuple(settings.kpts):
+            wcalc = calc.fixed_density(
+                kpts={"size": (*options.wannier_kpts, 1), "gamma": True},
+                symmetry={"point_group": False, "time_reversal": True}, txt=None)
+            wcalc.get_potential_energy()
+        res = build_wannier(wcalc, atoms, basis=options.wannier_basis, width=settings.width)
+        tb = res.tb()
+        ntot = tb.nnz
+        if options.h_threshold > 0:
+            res = _truncate(res, options.h_threshold)
+            tb = res.tb()
+        meta = {"grid": list(res.grid), "min_singular": res.min_singular,
+                "selection": res.selection, "h_threshold": options.h_threshold,
+                "nnz_before_threshold": int(ntot), "basis": options.wannier_basis}
+        if path is not None:
+            be = band_error(calc, res, path.kpts, basis=options.wannier_basis)
+            meta.update(band_error_max=be["max_error"], band_error_rms=be["rms_error"],
+                        band_error_vbm=be.get("vbm_error"), band_error_cbm=be.get("cbm_error"),
+                        band_path=options.band_path)
+            rec["arrays"]["path_kpts"] = path.kpts
+            rec["arrays"]["wannier_gpaw_bands"] = be["gpaw"]
+        rec["groups"]["wannier"] = (tb, meta)
+    if options.gpaw_bands and path is not None:
+        from .kohnsham import gpaw_bands_near_gap
+
+        rec["arrays"]["path_kpts"] = path.kpts
+        rec["arrays"]["gpaw_bands"] = gpaw_bands_near_gap(calc, path.kpts,
+                                                          options.gpaw_nbands)
+    if options.ao:
+        from .lcao import ao_hamiltonian
+
+        rec["groups"]["ao"] = (ao_hamiltonian(calc, atoms), {})
+    rec["meta"]["cpu_time"] = time.process_time() - t0
+    rec["meta"]["wall_time"] = time.time() - w0
+    return rec
+
+
+def _truncate(res, threshold: float):
+    """Zero H(R) elements below ``threshold`` eV (on-site blocks are always kept)."""
+    from dataclasses import replace
+
+    H = res.H.copy()
+    small = np.abs(H) < threshold
+    H[small] = 0.0
+    keep = np.abs(H).reshape(len(H), -1).max(axis=1) > 0
+    return replace(res, R=res.R[keep], H=H[keep])
+
+
+def existing_keys(path: str | os.PathLike) -> set[str]:
+    """Keys already complete in an output file (empty if it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    with StructureDataset(path, "r") as ds:
+        return set(ds.keys())
+
+
+def write_record(path: str | os.PathLike, key: str, atoms: Atoms, record: dict,
+                 metadata: dict) -> None:
+    """Append one record to ``path`` atomically (copy, append, replace)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.exists():
+            shutil.copyfile(path, tmp)
+        else:
+            tmp.unlink()
+
+        def writer(group):
+            for name, (obj, meta) in record.get("groups", {}).items():
+                sub = group.create_group(name)
+                obj.to_hdf5(sub)
+                for k, v in meta.items():
+                    sub.attrs[k] = v if isinstance(v, int | float | str) else json.dumps(v)
+
+        with StructureDataset(tmp, "a") as ds:
+            ds.append(key, atoms, metadata={**metadata, **record.get("meta", {})},
+                      writer=writer, **record["arrays"])
+
+
+def _worker(args):
+    key, atoms, settings, options, txtdir = args
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    txt = None if txtdir is None else str(Path(txtdir) / f"{key}.txt")
+    return key, compute_slab_record(atoms, settings, options, txt=txt)
+
+
+def run_dataset(path: str | os.PathLike, items: Iterable[tuple[str, Atoms]],
+                settings: LCAOSettings = DEFAULT, options: RecordOptions = RecordOptions(),
+                workers: int = 1, command: str = "", txtdir: str | None = None,
+                compute: Callable | None = None, progress: bool = True) -> list[str]:
+    """Compute and store every (key, atoms) not yet in ``path``; returns the new keys.
+
+    workers > 1 runs structures in a process pool (GPAW serial per structure); the parent
+    process is the only writer. ``command`` (the exact command line) and the settings,
+    options and code versions are stored with every record.
+    """
+    from tqdm import tqdm
+
+    done = existing_keys(path)
+    todo = [(k, a) for k, a in items if k not in done]
+    rank = _mpi_rank()
+    meta_common = {"settings": settings.todict(), "options": options.todict(),
+                   "versions": versions(), "command": command}
+    new: list[str] = []
+    bar = tqdm(total=len(todo), desc=f"reference {Path(path).name}", disable=not progress
+               or rank != 0)
+
+    def store(key, atoms, rec):
+        info = {k: v for k, v in atoms.info.items() if isinstance(v, int | float | str | tuple)}
+        if rank == 0:
+            write_record(path, key, atoms, rec, {**meta_common, "info": info})
+        new.append(key)
+        bar.update()
+        log.info("%s done: E=%.4f eV, cpu %.0f s", key, float(rec["arrays"]["energy"]),
+                 rec["meta"]["cpu_time"])
+
+    func = compute or compute_slab_record
+    if workers <= 1:
+        for key, atoms in todo:
+            txt = None if txtdir is None else str(Path(txtdir) / f"{key}.txt")
+            store(key, atoms, func(atoms, settings, options, txt=txt))
+    else:
+        atoms_of = dict(todo)
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futs = [pool.submit(_worker, (k, a, settings, options, txtdir)) for k, a in todo]
+            for fut in as_completed(futs):
+                key, rec = fut.result()
+                store(key, atoms_of[key], rec)
+    bar.close()
+    return new
+
+
+def bilayer_items(start: int, count: int, seed: int = 0, prefix: str = "bl",
+                  **kwargs) -> Iterator[tuple[str, Atoms]]:
+    """(key, atoms) of DPWannier-style bilayer configurations ``start .. start+count-1``.
+
+    Configuration i is drawn from its own generator seeded by (seed, i), so any index
+    range can be regenerated independently (resume, split across machines).
+    """
+    from ..structures import bilayer_configuration
+
+    for i in range(start, start + count):
+        rng = np.random.default_rng([seed, i])
+        atoms = bilayer_configuration(rng, **kwargs)
+        atoms.info["index"] = i
+        atoms.info["seed"] = seed
+        yield f"{prefix}{i:05d}", atoms
