@@ -131,7 +131,67 @@ class FreeEnergy:
             sc_val = float(sc.detach())
             loss = loss + sc
         return FreeEnergyTerms(loss=loss, free_energy=free, energy=energy,
-                               entropy=float(dens.entropy.detach()), sc=sc_val, fock=fock, density=dens)
+                               entropy=float(dens.entropy.detach()), sc=sc_val, fock=fock,
+                               density=dens)
+
+
+    def evaluate_frozen(self, H: torch.Tensor, fock: np.ndarray, energy: float,
+                        dm: np.ndarray) -> FreeEnergyTerms:
+        """Objective with the Kohn-Sham matrix frozen at ``fock`` (from density ``dm``).
+
+        E is linearized: E(D) ~ energy + sum_k w_k tr(F (D - dm)); exact to first order, and
+        its minimizer over H is H = F (+ c S), like one Roothaan step. Costs no engine call:
+        used between refreshes of F during training (``DeepHZeroLoss(refresh_every=k)``).
+        """
+        dens = self.density(H)
+        w = self.weights
+        fock_t = torch.from_numpy(fock).to(self.dtype)
+        grad = w[:, None, None].to(self.dtype) * fock_t
+        delta = torch.sum((grad.conj() * (dens.dm.detach() - torch.from_numpy(dm).to(self.dtype)))
+                          .real)
+        e_val = torch.tensor(energy, dtype=torch.float64) + delta
+        e_t = _LinearEnergy.apply(dens.dm, e_val, grad)
+        free = e_t - self.sigma * dens.entropy
+        loss = free
+        sc_val = 0.0
+        if self.sc_weight > 0:
+            resid = H.detach() - fock_t
+            sc = _SelfConsistency.apply(H, dens.dm, resid, w * self.sc_weight, None)
+            sc_val = float(sc.detach())
+            loss = loss + sc
+        return FreeEnergyTerms(loss=loss, free_energy=free, energy=float(e_val),
+                               entropy=float(dens.entropy.detach()), sc=sc_val, fock=fock,
+                               density=dens)
+
+
+class Anderson:
+    """DIIS / Anderson extrapolation of the fixed-point map H -> F[D(H)] (per structure).
+
+    ``update(H, F)`` stores the pair and returns sum_j c_j F_j with sum_j c_j = 1 minimizing
+    || sum_j c_j (F_j - H_j) || -- Pulay's acceleration applied to training targets.
+    """
+
+    def __init__(self, size: int = 6):
+        self.size = size
+        self.h: list[np.ndarray] = []
+        self.f: list[np.ndarray] = []
+
+    def update(self, h: np.ndarray, f: np.ndarray) -> np.ndarray:
+        self.h.append(h)
+        self.f.append(f)
+        self.h, self.f = self.h[-self.size:], self.f[-self.size:]
+        r = [np.ravel(fi - hi) for fi, hi in zip(self.f, self.h)]
+        n = len(r)
+        b = np.zeros((n + 1, n + 1))
+        b[:n, :n] = np.real([[np.vdot(a, c) for c in r] for a in r])
+        b[:n, n] = b[n, :n] = -1.0
+        rhs = np.zeros(n + 1)
+        rhs[n] = -1.0
+        try:
+            c = np.linalg.solve(b + 1e-14 * np.eye(n + 1) * (np.trace(b[:n, :n]) / n), rhs)[:n]
+        except np.linalg.LinAlgError:
+            return f
+        return sum(ci * fi for ci, fi in zip(c, self.f))
 
 
 def hermitian(a: torch.Tensor) -> torch.Tensor:
@@ -249,5 +309,5 @@ def variational_dft(engine: DFTEngine, sigma: float = 0.01, *, sc_weight: float 
                              seconds=time.perf_counter() - t0, evaluations=fe.n_evaluations)
 
 
-__all__ = ["FreeEnergy", "FreeEnergyTerms", "VariationalResult", "variational_dft",
+__all__ = ["Anderson", "FreeEnergy", "FreeEnergyTerms", "VariationalResult", "variational_dft",
            "initial_hamiltonian", "hermitian", "compare"]

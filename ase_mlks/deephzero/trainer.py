@@ -1,0 +1,224 @@
+"""Training DeepH-Zero networks: unsupervised (free energy + self-consistency term),
+supervised (MSE to SCF Hamiltonians) and fine-tuning (supervised start, unsupervised finish).
+
+The epoch loop, resumption, LR schedule, progress bars and checkpoints are the shared
+``ase_mlks.core.training.Trainer``; this module provides the losses (one DFT engine per
+training structure, built once and cached) and a command line that reproduces the shipped
+models (see docs/deephzero.md)::
+
+    python -m ase_mlks.deephzero.trainer --system h2o --mode unsupervised \
+        --workdir runs/deephzero-h2o --out ase_mlks/pretrained/deephzero-h2o-pbe-svp.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from ..core.checkpoint import hash_arrays
+from ..core.training import Trainer
+from .data import distorted_water, rattled_bcc_na, scf_references
+from .engine import HARTREE, PySCFEngine
+from .model import DeepHE3, build_graph
+from .variational import Anderson, FreeEnergy, initial_hamiltonian
+
+SYSTEMS = {
+    # name: (structure generator, engine keyword arguments, smearing (Ha), model kwargs)
+    "h2o": (distorted_water, {"basis": "def2-svp", "xc": "PBE", "grid_level": 3}, 0.01,
+            {"cutoff": 5.0, "avg_neighbors": 2.0}),
+    "na": (rattled_bcc_na, {"basis": "gth-szv", "xc": "PBE", "pseudo": "gth-pbe",
+                            "kmesh": (2, 2, 2), "ke_cutoff": 60.0}, 0.01,
+           {"cutoff": 7.0, "avg_neighbors": 20.0}),
+}
+
+
+class DeepHZeroLoss:
+    """loss_fn(model, batch_of_indices) -> (loss, metrics) for the core Trainer.
+
+    mode "unsupervised": mean over the batch of A[H_theta] + C[H_theta] (Ha; labels unused
+    except for the reported metric dH_meV when ``labels`` are given);
+    mode "supervised": mean squared error to the SCF Hamiltonians (Ha^2).
+    """
+
+    def __init__(self, structures: list[Atoms], engine_kwargs: dict, sigma: float,
+                 mode: str = "unsupervised", sc_weight: float = 1.0,
+                 labels: list[dict] | None = None, refresh_every: int = 1,
+                 anderson: int = 0):
+        if mode not in ("unsupervised", "supervised"):
+            raise ValueError("mode must be 'unsupervised' or 'supervised'")
+        if mode == "supervised" and labels is None:
+            raise ValueError("supervised training needs SCF labels")
+        self.structures = structures
+        self.engine_kwargs = engine_kwargs
+        self.sigma = sigma
+        self.mode = mode
+        self.sc_weight = sc_weight
+        self.labels = labels
+        self.refresh_every = max(1, int(refresh_every))
+        self.anderson = anderson
+        self._objectives: dict[int, FreeEnergy] = {}
+        self._visits: dict[int, int] = {}
+        self._frozen: dict[int, tuple] = {}
+        self._mixers: dict[int, Anderson] = {}
+        self.engine_calls = 0
+
+    def _unsupervised_terms(self, i: int, h: torch.Tensor):
+        """Fresh objective every ``refresh_every`` visits of structure i, frozen F between."""
+        obj = self.objective(i)
+        visit = self._visits.get(i, 0)
+        self._visits[i] = visit + 1
+        if visit % self.refresh_every == 0 or i not in self._frozen:
+            terms = obj.evaluate(h)
+            self.engine_calls += 1
+            fock = terms.fock
+            if self.anderson:
+                mixer = self._mixers.setdefault(i, Anderson(self.anderson))
+                fock = mixer.update(h.detach().numpy(), terms.fock)
+            self._frozen[i] = (fock, terms.energy, terms.density.dm.detach().numpy())
+            if fock is terms.fock:
+                return terms
+        return obj.evaluate_frozen(h, *self._frozen[i])
+
+    def objective(self, idx: int) -> FreeEnergy:
+        if idx not in self._objectives:
+            eng = PySCFEngine(self.structures[idx], **self.engine_kwargs)
+            self._objectives[idx] = FreeEnergy(eng, sigma=self.sigma, sc_weight=self.sc_weight,
+                                               sc_gradient="detached")
+        return self._objectives[idx]
+
+    def kpts(self, idx: int) -> np.ndarray | None:
+        if not any(self.structures[idx].pbc):
+            return None
+        return self.objective(idx).engine.kpts
+
+    def __call__(self, model: torch.nn.Module, batch: list[int]):
+        net = model.module if hasattr(model, "module") else model
+        atoms = [self.structures[i] for i in batch]
+        g = build_graph(atoms, net.cutoff, net.species)
+        kpts = [self.kpts(i) for i in batch]
+        hs = net.hamiltonian_k(g, kpts)
+        total = torch.zeros((), dtype=torch.float64)
+        metrics = {"free_energy_Ha": 0.0, "sc_meV": 0.0}
+        if self.labels is not None:
+            metrics["dH_meV"] = 0.0
+        for i, h in zip(batch, hs):
+            if self.mode == "unsupervised":
+                terms = self._unsupervised_terms(i, h)
+                total = total + terms.loss
+                metrics["free_energy_Ha"] += float(terms.free_energy.detach())
+                metrics["sc_meV"] += float(np.mean(np.abs(h.detach().numpy() - terms.fock))) \
+                    * HARTREE * 1e3
+            else:
+                ref = torch.as_tensor(self.labels[i]["fock"]).to(h.dtype)
+                total = total + (h - ref).abs().pow(2).mean()
+            if self.labels is not None:
+                metrics["dH_meV"] += float(np.mean(np.abs(
+                    h.detach().numpy() - self.labels[i]["fock"]))) * HARTREE * 1e3
+        n = len(batch)
+        return total / n, {k: v / n for k, v in metrics.items()}
+
+
+class _Indices(torch.utils.data.Dataset):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def make_model(system: str, structures: list[Atoms], **overrides) -> DeepHE3:
+    """A fresh network for ``system`` with the engine's basis; on-site biases set from the
+    atomic-density guess of the first structure (label-free)."""
+    gen, eng_kw, sigma, model_kw = SYSTEMS[system]
+    eng = PySCFEngine(structures[0], **eng_kw)
+    desc = eng.describe()
+    model = DeepHE3(eng.orbital_basis.to_dict(), engine=desc, sigma=sigma,
+                    **{**model_kw, **overrides})
+    g = build_graph(structures[:1], model.cutoff, model.species)
+    model.initialize_onsite(g, [initial_hamiltonian(eng, "atom")])
+    return model
+
+
+def train(system: str, mode: str, workdir: str | Path, *, n_train: int = 60, seed: int = 0,
+          epochs: int = 300, lr: float = 3e-3, batch_size: int = 10, sc_weight: float = 1.0,
+          model: DeepHE3 | None = None, with_labels: bool = False, progress: bool = True,
+          patience: int = 40, model_kwargs: dict | None = None, refresh_every: int = 1,
+          anderson: int = 0) -> tuple[DeepHE3, list[dict]]:
+    """Train on ``n_train`` generated structures of ``system``; returns (model, history)."""
+    gen, eng_kw, sigma, _ = SYSTEMS[system]
+    structures = gen(n_train, seed=seed)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    labels = None
+    if mode == "supervised" or with_labels:
+        labels = scf_references(structures, eng_kw, sigma, workdir / "train_scf.h5",
+                                progress=progress)
+    if model is None:
+        model = make_model(system, structures, **(model_kwargs or {}))
+    loss = DeepHZeroLoss(structures, eng_kw, sigma, mode=mode, sc_weight=sc_weight,
+                         labels=labels, refresh_every=refresh_every, anderson=anderson)
+    data_hash = hash_arrays(*[a.positions for a in structures])
+    trainer = Trainer(model, loss, _Indices(len(structures)), None, batch_size=batch_size,
+                      lr=lr, max_epochs=epochs, patience=patience, lr_patience=10,
+                      lr_factor=0.5, min_lr=1e-5, workdir=workdir, seed=seed,
+                      progress=progress, data_hash=data_hash,
+                      checkpoint_extra={"system": system, "mode": mode, "n_train": n_train,
+                                        "seed": seed, "sigma": sigma, "sc_weight": sc_weight,
+                                        "refresh_every": refresh_every, "anderson": anderson})
+    history = trainer.fit()
+    return trainer.model, history
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Train a DeepH-Zero network (see docs/deephzero.md)")
+    p.add_argument("--system", choices=sorted(SYSTEMS), default="h2o")
+    p.add_argument("--mode", choices=["unsupervised", "supervised", "finetune"],
+                   default="unsupervised")
+    p.add_argument("--workdir", default="runs/deephzero")
+    p.add_argument("--out", default=None, help="write the final model here (.pt)")
+    p.add_argument("--n-train", type=int, default=60)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--pretrain-epochs", type=int, default=100)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--sc-weight", type=float, default=1.0)
+    p.add_argument("--with-labels", action="store_true",
+                   help="also compute SCF labels to report dH (not used by the loss)")
+    p.add_argument("--refresh-every", type=int, default=1,
+                   help="call the DFT engine for a structure every k epochs; F frozen between")
+    p.add_argument("--anderson", type=int, default=0,
+                   help="Anderson/DIIS history of the refreshed Kohn-Sham targets (0 = off)")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    common = {"n_train": args.n_train, "seed": args.seed, "lr": args.lr,
+              "batch_size": args.batch_size, "sc_weight": args.sc_weight}
+    unsup = {"refresh_every": args.refresh_every, "anderson": args.anderson}
+    if args.mode == "finetune":
+        model, _ = train(args.system, "supervised", Path(args.workdir) / "pretrain",
+                         epochs=args.pretrain_epochs, **common)
+        model, hist = train(args.system, "unsupervised", Path(args.workdir) / "finetune",
+                            epochs=args.epochs, model=model, with_labels=args.with_labels,
+                            **common, **unsup)
+    else:
+        model, hist = train(args.system, args.mode, args.workdir, epochs=args.epochs,
+                            with_labels=args.with_labels, **common,
+                            **(unsup if args.mode == "unsupervised" else {}))
+    if args.out:
+        model.save(args.out, extra={"system": args.system, "mode": args.mode,
+                                    "n_train": args.n_train, "seed": args.seed,
+                                    "epochs": len(hist), "final": hist[-1] if hist else None})
+        print(json.dumps({"saved": args.out, "final": hist[-1] if hist else None}))
+
+
+if __name__ == "__main__":
+    main()
