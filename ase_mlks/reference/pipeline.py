@@ -101,16 +101,17 @@ def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
     calc = gs.calc
     path = atoms.cell.bandpath(options.band_path, npoints=options.band_npoints) \
         if options.band_path else None
-    if options.wannier_basis:
-        from .wannier import band_error, build_wannier
-
-        wcalc = calc
+    wcalc = calc
+    if options.wannier_basis or options.ao:
         if options.wannier_kpts is not None and tuple(options.wannier_kpts) != \
                 tuple(settings.kpts):
             wcalc = calc.fixed_density(
                 kpts={"size": (*options.wannier_kpts, 1), "gamma": True},
                 symmetry={"point_group": False, "time_reversal": True}, txt=None)
             wcalc.get_potential_energy()
+    if options.wannier_basis:
+        from .wannier import band_error, build_wannier
+
         res = build_wannier(wcalc, atoms, basis=options.wannier_basis, width=settings.width)
         tb = res.tb()
         ntot = tb.nnz
@@ -137,7 +138,9 @@ def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
     if options.ao:
         from .lcao import ao_hamiltonian
 
-        rec["groups"]["ao"] = (ao_hamiltonian(calc, atoms), {})
+        # from the dense non-SCF grid: exact once the BvK cell exceeds twice the AO range
+        rec["groups"]["ao"] = (ao_hamiltonian(wcalc, atoms, threshold=1e-4),
+                               {"grid": list(options.wannier_kpts or settings.kpts)})
     rec["meta"]["cpu_time"] = time.process_time() - t0
     rec["meta"]["wall_time"] = time.time() - w0
     return rec
