@@ -1,0 +1,237 @@
+"""DeepH-Zero: differentiable D(H), variational DFT = SCF, equivariance, calculator API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+from scipy.spatial.transform import Rotation
+
+from ase_mlks.core.errors import StructureError, UnknownElementError
+from ase_mlks.deephzero.density import density_matrix, orthogonalizer
+from ase_mlks.deephzero.model import DeepHE3, build_graph
+
+H2O_BASIS = {"O": ["1s", "2s", "3s", "2p", "3p", "3d"], "H": ["1s", "2s", "2p"]}
+SMALL = "8x0e+2x0o+4x1o+2x1e+2x2e+2x2o+2x3o+2x3e+2x4e"
+
+
+def _random_problem(n=6, nk=1, complex_=False, seed=0, degenerate=False):
+    rng = np.random.default_rng(seed)
+    dt = np.complex128 if complex_ else np.float64
+    hs, ss = [], []
+    for _ in range(nk):
+        a = rng.normal(size=(n, n)) + (1j * rng.normal(size=(n, n)) if complex_ else 0)
+        s = a @ a.conj().T / n + np.eye(n)
+        b = rng.normal(size=(n, n)) + (1j * rng.normal(size=(n, n)) if complex_ else 0)
+        h = 0.5 * (b + b.conj().T)
+        if degenerate:  # H = S^{1/2} diag(e with a degenerate pair at the Fermi level) S^{1/2}
+            w, v = np.linalg.eigh(s)
+            sh = v @ np.diag(np.sqrt(w)) @ v.conj().T
+            e = np.array([-1.0, -0.5, 0.1, 0.1, 0.7, 1.2][:n])
+            q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+            h = sh @ q @ np.diag(e) @ q.T @ sh
+        hs.append(h.astype(dt))
+        ss.append(s.astype(dt))
+    return np.stack(hs), np.stack(ss)
+
+
+@pytest.mark.parametrize("complex_,nk,degenerate", [(False, 1, False), (True, 2, False),
+                                                     (False, 1, True)])
+def test_density_matrix_gradient_matches_finite_differences(complex_, nk, degenerate):
+    H, S = _random_problem(nk=nk, complex_=complex_, degenerate=degenerate)
+    X = torch.from_numpy(orthogonalizer(S))
+    w = torch.full((nk,), 1.0 / nk, dtype=torch.float64)
+    rng = np.random.default_rng(1)
+    G = rng.normal(size=H.shape)
+    G = torch.from_numpy(0.5 * (G + np.swapaxes(G, 1, 2)))
+    sigma, nel = 0.2, 5.0  # odd electron count: the Fermi level sits on the degenerate pair
+
+    def loss(h):
+        r = density_matrix(h, X, w, nel, sigma)
+        return (G * r.dm.real).sum() - sigma * r.entropy, r
+
+    h0 = torch.from_numpy(H).requires_grad_(True)
+    val, res = loss(h0)
+    val.backward()
+    assert torch.isfinite(h0.grad).all()
+    # electron count is conserved: sum_k w_k tr(D S) = N
+    n = sum(float(w[k]) * np.trace(res.dm[k].detach().numpy() @ S[k]).real for k in range(nk))
+    assert n == pytest.approx(nel, abs=1e-9)
+    d = rng.normal(size=H.shape) + (1j * rng.normal(size=H.shape) if complex_ else 0)
+    d = torch.from_numpy(0.5 * (d + np.conj(np.swapaxes(d, 1, 2))))
+    eps = 1e-6
+    fd = (float(loss(h0.detach() + eps * d)[0]) - float(loss(h0.detach() - eps * d)[0])) / (2 * eps)
+    an = float((h0.grad.conj() * d).real.sum())
+    assert an == pytest.approx(fd, rel=1e-5, abs=1e-8)
+
+
+def test_density_matrix_invariant_under_shift_by_overlap():
+    H, S = _random_problem()
+    X = torch.from_numpy(orthogonalizer(S))
+    w = torch.ones(1, dtype=torch.float64)
+    d1 = density_matrix(torch.from_numpy(H), X, w, 4.0, 0.1).dm
+    d2 = density_matrix(torch.from_numpy(H + 0.37 * S), X, w, 4.0, 0.1).dm
+    assert torch.allclose(d1, d2, atol=1e-10)
+
+
+# -- network --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = DeepHE3(H2O_BASIS, cutoff=4.0, hidden=SMALL, layers=1)
+    with torch.no_grad():  # zero-initialized heads would make the tests trivial
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def _structure_rotation(m, numbers, R):
+    return torch.from_numpy(m.basis.structure_rotation(numbers, R))
+
+
+def test_network_is_rotation_and_inversion_equivariant(model):
+    atoms = Atoms("OH2", positions=[[0.0, 0.0, 0.1], [0.0, 0.76, -0.47], [0.1, -0.8, -0.5]])
+    h = model.hamiltonian_k(build_graph([atoms], model.cutoff, model.species))[0][0]
+    assert float(h.detach().abs().max()) > 1e-2
+    for seed in range(3):
+        R = Rotation.random(random_state=seed).as_matrix()
+        rot = atoms.copy()
+        rot.positions = atoms.positions @ R.T
+        h_rot = model.hamiltonian_k(build_graph([rot], model.cutoff, model.species))[0][0]
+        D = _structure_rotation(model, atoms.numbers, R)
+        assert float((D @ h @ D.T - h_rot).abs().max()) < 1e-5 * float(h.abs().max())
+    inv = atoms.copy()
+    inv.positions = -atoms.positions
+    h_inv = model.hamiltonian_k(build_graph([inv], model.cutoff, model.species))[0][0]
+    parity = np.concatenate([[(-1) ** s.l] * s.size for z in atoms.numbers
+                             for s in model.basis.shells_of(int(z))])
+    P = torch.diag(torch.from_numpy(parity.astype(float)))
+    assert float((P @ h @ P - h_inv).abs().max()) < 1e-8
+
+
+def test_network_hermitian_translation_and_permutation(model):
+    atoms = Atoms("OH2", positions=[[0.0, 0.0, 0.1], [0.0, 0.76, -0.47], [0.1, -0.8, -0.5]])
+    h = model.hamiltonian_k(build_graph([atoms], model.cutoff, model.species))[0][0]
+    assert torch.allclose(h, h.T, atol=1e-12)
+    moved = atoms.copy()
+    moved.positions += [1.3, -2.0, 0.4]
+    h2 = model.hamiltonian_k(build_graph([moved], model.cutoff, model.species))[0][0]
+    assert torch.allclose(h, h2, atol=1e-10)
+    perm = [0, 2, 1]
+    swapped = atoms[perm]
+    h3 = model.hamiltonian_k(build_graph([swapped], model.cutoff, model.species))[0][0]
+    sl = model.basis.orbital_slices(atoms.numbers)
+    order = np.concatenate([np.arange(sl[a].start, sl[a].stop) for a in perm])
+    assert torch.allclose(h[order][:, order], h3, atol=1e-10)
+
+
+def test_periodic_bloch_hamiltonian_is_hermitian():
+    torch.manual_seed(1)
+    m = DeepHE3({"Na": ["1s", "2p"]}, cutoff=4.0, hidden=SMALL, layers=1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    atoms = bulk("Na", "bcc", a=4.2, cubic=True)
+    atoms.rattle(0.1, seed=2)
+    k = np.array([[0.0, 0.0, 0.0], [0.25, 0.5, 0.0], [0.5, 0.5, 0.5]])
+    hk = m.hamiltonian_k(build_graph([atoms], m.cutoff, m.species), [k])[0]
+    assert hk.dtype == torch.complex128
+    assert torch.allclose(hk, hk.mH, atol=1e-12)
+    assert float(hk[1].imag.abs().max()) > 1e-6
+
+
+def test_unknown_element_is_named(model):
+    with pytest.raises(UnknownElementError, match="N"):
+        build_graph([molecule("NH3")], model.cutoff, model.species)
+
+
+# -- engine -----------------------------------------------------------------------------
+pyscf = pytest.importorskip("pyscf")
+
+
+@pytest.fixture(scope="module")
+def h2_engine():
+    from ase_mlks.deephzero.engine import PySCFEngine
+
+    atoms = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])
+    return PySCFEngine(atoms, basis="6-31g", xc="PBE", grid_level=1)
+
+
+@pytest.mark.pyscf
+def test_free_energy_gradient_with_engine_matches_finite_differences(h2_engine):
+    from ase_mlks.deephzero.variational import FreeEnergy, initial_hamiltonian
+
+    fe = FreeEnergy(h2_engine, sigma=0.05, sc_weight=1.0, sc_gradient="exact")
+    h0 = torch.from_numpy(initial_hamiltonian(h2_engine))
+    h = h0.clone().requires_grad_(True)
+    fe.evaluate(h).loss.backward()
+    rng = np.random.default_rng(0)
+    d = rng.normal(size=h0.shape)
+    d = torch.from_numpy(0.5 * (d + np.swapaxes(d, 1, 2)))
+    eps = 1e-5
+    fd = (float(fe.evaluate(h0 + eps * d).loss) - float(fe.evaluate(h0 - eps * d).loss)) / (2 * eps)
+    assert float((h.grad * d).sum()) == pytest.approx(fd, rel=1e-5)
+
+
+@pytest.mark.pyscf
+def test_frozen_objective_matches_fresh_one_at_refresh_point(h2_engine):
+    from ase_mlks.deephzero.variational import FreeEnergy, initial_hamiltonian
+
+    fe = FreeEnergy(h2_engine, sigma=0.05, sc_weight=1.0)
+    h0 = torch.from_numpy(initial_hamiltonian(h2_engine))
+    a = h0.clone().requires_grad_(True)
+    t = fe.evaluate(a)
+    t.loss.backward()
+    b = h0.clone().requires_grad_(True)
+    tf = fe.evaluate_frozen(b, t.fock, t.energy, t.density.dm.detach().numpy())
+    tf.loss.backward()
+    assert float(tf.loss) == pytest.approx(float(t.loss), abs=1e-10)
+    assert torch.allclose(a.grad, b.grad, atol=1e-10)
+
+
+@pytest.mark.pyscf
+def test_variational_minimum_equals_scf(h2_engine):
+    from ase_mlks.deephzero.engine import HARTREE
+    from ase_mlks.deephzero.variational import variational_dft
+
+    sigma = 0.01
+    ref = h2_engine.scf(sigma)
+    res = variational_dft(h2_engine, sigma, reference=ref, steps=80, progress=False)
+    last = res.history[-1]
+    assert abs(last["dE_eV"]) < 1e-6  # 1 micro-eV
+    assert last["free_energy_Ha"] >= ref.free_energy - 1e-9  # variational from above
+    assert last["dH_max_eV"] < 1e-3
+    assert np.abs(res.dm - ref.dm).max() < 1e-5
+    # H is the self-consistent KS matrix, not just any H with the right density
+    assert np.abs(res.hamiltonian - ref.fock).max() * HARTREE < 1e-3
+
+
+@pytest.mark.pyscf
+def test_engine_rejects_bad_structures():
+    from ase_mlks.deephzero.engine import PySCFEngine
+
+    with pytest.raises(StructureError, match="too close"):
+        PySCFEngine(Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.1]]), basis="sto-3g")
+    with pytest.raises(StructureError, match="pbc"):
+        PySCFEngine(Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], cell=[3, 3, 3],
+                          pbc=[True, True, False]), basis="sto-3g")
+
+
+@pytest.mark.pyscf
+def test_engine_orbital_order_matches_wigner_d():
+    """PySCF's SCF Hamiltonian of a rotated molecule is D H D^T in our orbital order."""
+    from ase_mlks.deephzero.engine import PySCFEngine
+
+    atoms = Atoms("OH2", positions=[[0.0, 0.0, 0.12], [0.0, 0.76, -0.47], [0.0, -0.76, -0.47]])
+    R = Rotation.random(random_state=3).as_matrix()
+    rot = atoms.copy()
+    rot.positions = atoms.positions @ R.T
+    e1 = PySCFEngine(atoms, basis="6-31g*", xc="PBE", grid_level=1)
+    e2 = PySCFEngine(rot, basis="6-31g*", xc="PBE", grid_level=1)
+    D = e1.orbital_basis.structure_rotation(atoms.numbers, R)
+    s1, s2 = e1.overlap()[0], e2.overlap()[0]
+    assert np.abs(D @ s1 @ D.T - s2).max() < 1e-8
+    h1, h2 = e1.core_hamiltonian()[0], e2.core_hamiltonian()[0]
+    assert np.abs(D @ h1 @ D.T - h2).max() < 1e-7
