@@ -1,0 +1,264 @@
+"""DeepH-Zero benchmarks: variational DFT vs SCF (paper Fig. 3), single-structure training
+from random weights (Fig. 4), generalization of the shipped model, equivariance, cost.
+
+Each part prints a table and writes JSON (+ PNG plots) under benchmarks/out/:
+
+    python benchmarks/deephzero.py variational --systems h2o na graphene mos2
+    python benchmarks/deephzero.py fig4 --steps 300
+    python benchmarks/deephzero.py generalization --model h2o-pbe-svp --n-test 20
+    python benchmarks/deephzero.py equivariance --model h2o-pbe-svp
+
+Run with OMP_NUM_THREADS=1 on a shared machine; all parts are deterministic (fixed seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.build import bulk, graphene, molecule, mx2
+
+from ase_mlks.deephzero.data import distorted_water, scf_references
+from ase_mlks.deephzero.density import orthogonalizer
+from ase_mlks.deephzero.engine import HARTREE, PySCFEngine, engine_from_description
+from ase_mlks.deephzero.model import DeepHE3, build_graph
+from ase_mlks.deephzero.variational import FreeEnergy, variational_dft
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def _save(name: str, payload: dict) -> Path:
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"deephzero_{name}.json"
+    path.write_text(json.dumps(payload, indent=1, default=float))
+    return path
+
+
+# -- Fig. 3: variational DFT vs SCF ------------------------------------------------------
+def fig3_systems() -> dict[str, tuple[Atoms, dict]]:
+    h2o = molecule("H2O")
+    na = bulk("Na", "bcc", a=4.23)
+    gr = graphene(vacuum=5.0)
+    gr.pbc = True
+    mos2 = mx2("MoS2", a=3.18, vacuum=5.0)
+    mos2.pbc = True
+    gth = {"basis": "gth-szv", "xc": "PBE", "pseudo": "gth-pbe"}
+    return {
+        "h2o": (h2o, {"basis": "def2-svp", "xc": "PBE"}),
+        "na": (na, {**gth, "kmesh": (2, 2, 2), "ke_cutoff": 60.0}),
+        "graphene": (gr, {**gth, "kmesh": (2, 2, 1), "ke_cutoff": 60.0}),
+        "mos2": (mos2, {**gth, "kmesh": (2, 2, 1), "ke_cutoff": 60.0}),
+    }
+
+
+def run_variational(systems: list[str], sigma: float, steps: int) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = {}
+    for name in systems:
+        atoms, kw = fig3_systems()[name]
+        eng = PySCFEngine(atoms, **kw)
+        ref = eng.scf(sigma)
+        res = variational_dft(eng, sigma, reference=ref, steps=steps, progress=True)
+        last = res.history[-1]
+        table[name] = {
+            "engine": eng.describe(), "natoms": len(atoms), "nao": eng.nao, "sigma_Ha": sigma,
+            "scf_cycles": ref.cycles, "scf_seconds": ref.seconds,
+            "var_steps": last["step"], "var_evaluations": res.evaluations,
+            "var_seconds": res.seconds,
+            "dE_ueV_per_atom": abs(last["dE_eV"]) * 1e6 / len(atoms),
+            "dE_eV_signed": last["dE_eV"],
+            "dH_mean_meV": last["dH_eV"] * 1e3, "dH_max_meV": last["dH_max_eV"] * 1e3,
+            "drho_mean": last["drho"], "history": res.history,
+        }
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        steps_ = [h["step"] for h in res.history]
+        for key, lab in [("dE_eV", "|ΔE| (eV)"), ("dH_eV", "ΔH (eV)"),
+                         ("drho", "Δρ (e)"), ("grad_E_mean_eV", "|∇_H E|")]:
+            ax.semilogy(steps_, [max(abs(h[key]), 1e-16) for h in res.history], label=lab)
+        ax.set_xlabel("L-BFGS step")
+        ax.set_title(f"variational DFT vs SCF: {name}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        OUT.mkdir(parents=True, exist_ok=True)
+        fig.savefig(OUT / f"deephzero_variational_{name}.png", dpi=120)
+        plt.close(fig)
+        print(f"{name:9s} |dE|={table[name]['dE_ueV_per_atom']:.2e} ueV/atom "
+              f"dH={table[name]['dH_mean_meV']:.2e} meV (max {table[name]['dH_max_meV']:.2e}) "
+              f"steps={last['step']} t={res.seconds:.0f}s  SCF: {ref.cycles} cycles "
+              f"{ref.seconds:.1f}s", flush=True)
+        _save("variational", table)
+    return table
+
+
+# -- Fig. 4: one structure, random weights, unsupervised vs supervised ---------------------
+def run_fig4(steps: int, lr: float, sigma: float = 0.01) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    atoms = molecule("H2O")
+    kw = {"basis": "def2-svp", "xc": "PBE"}
+    eng = PySCFEngine(atoms, **kw)
+    ref = eng.scf(sigma)
+    out = {}
+    for mode in ["unsupervised", "supervised"]:
+        torch.manual_seed(0)
+        model = DeepHE3(eng.orbital_basis.to_dict(), engine=eng.describe(), sigma=sigma)
+        with torch.no_grad():  # random weights everywhere, heads included
+            for head in [*model.onsite_heads.values(), *model.hop_heads.values()]:
+                torch.nn.init.normal_(head.weight, std=0.05)
+        g = build_graph([atoms], model.cutoff, model.species)
+        fe = FreeEnergy(eng, sigma=sigma, sc_weight=1.0)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=20,
+                                                           min_lr=1e-5)
+        hist = []
+        t0 = time.perf_counter()
+        target = torch.from_numpy(ref.fock)
+        for step in range(steps):
+            opt.zero_grad()
+            h = model.hamiltonian_k(g)[0]
+            if mode == "unsupervised":
+                terms = fe.evaluate(h)
+                loss = terms.loss
+            else:
+                loss = (h - target).pow(2).mean()
+            loss.backward()
+            opt.step()
+            sched.step(float(loss.detach()))
+            dh = float(np.mean(np.abs(h.detach().numpy() - ref.fock))) * HARTREE * 1e3
+            rec = {"step": step + 1, "dH_meV": dh, "seconds": time.perf_counter() - t0}
+            if mode == "unsupervised":
+                rec["dE_meV"] = (float(terms.free_energy.detach()) - ref.free_energy) \
+                    * HARTREE * 1e3
+            hist.append(rec)
+            if step % 25 == 0:
+                print(mode, rec, flush=True)
+        out[mode] = {"final_dH_meV": hist[-1]["dH_meV"],
+                     "best_dH_meV": min(r["dH_meV"] for r in hist), "history": hist}
+        print(f"{mode:12s} final dH = {hist[-1]['dH_meV']:.2f} meV, best "
+              f"{out[mode]['best_dH_meV']:.2f} meV after {steps} Adam steps", flush=True)
+        _save("fig4", out)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for mode, r in out.items():
+        ax.semilogy([h["step"] for h in r["history"]], [h["dH_meV"] for h in r["history"]],
+                    label=mode)
+    ax.set_xlabel("training step (Adam)")
+    ax.set_ylabel("mean |H_θ − H_SCF| (meV)")
+    ax.set_title("H2O, one structure, from random weights")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "deephzero_fig4_h2o.png", dpi=120)
+    plt.close(fig)
+    return out
+
+
+# -- generalization + cost -----------------------------------------------------------------
+def run_generalization(model_name: str, n_test: int, seed: int) -> dict:
+    model = DeepHE3.load(model_name)
+    desc = model.engine_description
+    sigma = model.sigma
+    structures = distorted_water(n_test, seed=seed)
+    eng_kw = {k: desc[k] for k in ("basis", "xc")}
+    eng_kw["grid_level"] = desc.get("grid_level", 3)
+    refs = scf_references(structures, eng_kw, sigma, OUT / f"deephzero_test_seed{seed}.h5")
+    rows = []
+    t_inf, t_scf = [], []
+    for atoms, ref in zip(structures, refs):
+        g = build_graph([atoms], model.cutoff, model.species)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            h = model.hamiltonian_k(g)[0]
+        t_inf.append(time.perf_counter() - t0)
+        eng = engine_from_description(atoms, desc)
+        t0 = time.perf_counter()
+        scf = eng.scf(sigma)
+        t_scf.append(time.perf_counter() - t0)
+        fe = FreeEnergy(eng, sigma=sigma, sc_weight=0.0)
+        terms = fe.evaluate(h)
+        S = ref["overlap"][0].astype(float)
+        X = orthogonalizer(S[None])[0]
+        e_pred = np.linalg.eigvalsh(X.T @ h[0].numpy() @ X)
+        e_ref = np.linalg.eigvalsh(X.T @ scf.fock[0] @ X)
+        nocc = int(round(eng.nelectron)) // 2
+        rows.append({
+            "H_mae_meV": float(np.mean(np.abs(h[0].numpy() - scf.fock[0]))) * HARTREE * 1e3,
+            "occ_eig_mae_meV": float(np.mean(np.abs(e_pred[:nocc] - e_ref[:nocc])))
+            * HARTREE * 1e3,
+            "lumo_err_meV": float(abs(e_pred[nocc] - e_ref[nocc])) * HARTREE * 1e3,
+            "dE_meV": (float(terms.free_energy.detach()) - scf.free_energy) * HARTREE * 1e3,
+        })
+    summary = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    summary["dE_min_meV"] = float(min(r["dE_meV"] for r in rows))
+    summary["dE_max_meV"] = float(max(r["dE_meV"] for r in rows))
+    summary["inference_s"] = float(np.median(t_inf))
+    summary["scf_s"] = float(np.median(t_scf))
+    summary["speedup_scf_over_inference"] = summary["scf_s"] / summary["inference_s"]
+    out = {"model": model_name, "n_test": n_test, "seed": seed, "summary": summary,
+           "rows": rows, "engine": desc, "sigma": sigma}
+    _save(f"generalization_{Path(model_name).stem}", out)
+    for k, v in summary.items():
+        print(f"{k:28s} {v:.4g}")
+    return out
+
+
+def run_equivariance(model_name: str) -> dict:
+    from scipy.spatial.transform import Rotation
+
+    model = DeepHE3.load(model_name)
+    atoms = distorted_water(1, seed=123)[0]
+    h = model.hamiltonian_k(build_graph([atoms], model.cutoff, model.species))[0][0].detach()
+    errs = []
+    for s in range(10):
+        R = Rotation.random(random_state=s).as_matrix()
+        rot = atoms.copy()
+        rot.positions = atoms.positions @ R.T
+        hr = model.hamiltonian_k(build_graph([rot], model.cutoff, model.species))[0][0]
+        D = torch.from_numpy(model.basis.structure_rotation(atoms.numbers, R))
+        errs.append(float((D @ h @ D.T - hr.detach()).abs().max()) * HARTREE)
+    out = {"max_abs_error_eV": max(errs), "max_abs_H_eV": float(h.abs().max()) * HARTREE}
+    _save(f"equivariance_{Path(model_name).stem}", out)
+    print(out)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="part", required=True)
+    v = sub.add_parser("variational")
+    v.add_argument("--systems", nargs="+", default=["h2o", "na", "graphene", "mos2"])
+    v.add_argument("--sigma", type=float, default=0.01, help="Fermi smearing (Ha)")
+    v.add_argument("--steps", type=int, default=150)
+    f = sub.add_parser("fig4")
+    f.add_argument("--steps", type=int, default=300)
+    f.add_argument("--lr", type=float, default=5e-3)
+    g = sub.add_parser("generalization")
+    g.add_argument("--model", default="h2o-pbe-svp")
+    g.add_argument("--n-test", type=int, default=20)
+    g.add_argument("--seed", type=int, default=1)
+    e = sub.add_parser("equivariance")
+    e.add_argument("--model", default="h2o-pbe-svp")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    if args.part == "variational":
+        run_variational(args.systems, args.sigma, args.steps)
+    elif args.part == "fig4":
+        run_fig4(args.steps, args.lr)
+    elif args.part == "generalization":
+        run_generalization(args.model, args.n_test, args.seed)
+    else:
+        run_equivariance(args.model)
+
+
+if __name__ == "__main__":
+    main()
