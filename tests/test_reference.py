@@ -1,0 +1,161 @@
+"""Reference pipeline: Wannier construction maths, resumable HDF5 runner, bad input.
+
+These tests need no GPAW run; test_reference_gpaw.py runs GPAW itself.
+"""
+
+import h5py
+import numpy as np
+import pytest
+from ase.calculators.emt import EMT
+
+from ase_mlks.core.dataset import StructureDataset
+from ase_mlks.core.errors import StructureError
+from ase_mlks.reference.groundstate import check_slab
+from ase_mlks.reference.pipeline import existing_keys, run_dataset
+from ase_mlks.reference.settings import DEFAULT, gpts_for
+from ase_mlks.reference.wannier import BlochData, fourier_ws, wannier_hk
+from ase_mlks.structures import bilayer, monolayer
+
+
+def random_short_range_model(rng, norb=3, reach=1):
+    """A Hermitian H(R) on a 2D hexagonal lattice with hoppings up to |R_i| <= reach."""
+    R = [(i, j, 0) for i in range(-reach, reach + 1) for j in range(-reach, reach + 1)]
+    H = {}
+    for r in R:
+        if r in H:
+            continue
+        block = rng.normal(size=(norb, norb)) * 0.5
+        mr = tuple(-x for x in r)
+        if r == mr:
+            block = 0.5 * (block + block.T)
+        H[r] = block
+        H[mr] = block.T
+    return np.array(list(H)), np.array(list(H.values()))
+
+
+def bloch(R, H, k):
+    return np.einsum("r,rab->ab", np.exp(2j * np.pi * R @ k), H)
+
+
+def test_fourier_ws_exact_for_short_range_model():
+    rng = np.random.default_rng(0)
+    R, H = random_short_range_model(rng)
+    cell = np.array([[3.0, 0, 0], [-1.5, 3.0 * np.sqrt(3) / 2, 0], [0, 0, 20.0]])
+    pos = np.array([[0, 0, 10.0], [1.5, 0.87, 11.5], [1.5, 0.87, 8.5]])
+    n = 6
+    kpts = np.array([(i / n, j / n, 0) for i in range(n) for j in range(n)])
+    Hk = np.array([bloch(R, H, k) for k in kpts])
+    R2, H2 = fourier_ws(kpts, Hk, (n, n, 1), cell, pos)
+    # off-grid points: a range-1 model is reproduced exactly by a 6x6 grid
+    for k in rng.uniform(-0.5, 0.5, size=(5, 3)) * [1, 1, 0]:
+        assert np.allclose(bloch(R2, H2, k), bloch(R, H, k), atol=1e-10)
+    # Hermiticity H(-R) = H(R)^dagger
+    lookup = {tuple(r): i for i, r in enumerate(R2)}
+    for i, r in enumerate(R2):
+        j = lookup[tuple(-r)]
+        assert np.allclose(H2[j], H2[i].conj().T, atol=1e-12)
+
+
+def test_fourier_ws_assigns_elements_to_nearest_image():
+    # a single orbital pair at distance 1 Å along x, coupled only between nearest images
+    cell = np.diag([4.0, 4.0, 20.0])
+    pos = np.array([[0.0, 0, 10], [1.0, 0, 10]])
+    R = np.array([[0, 0, 0]])
+    H = np.array([[[0.0, -1.0], [-1.0, 0.0]]])
+    n = 4
+    kpts = np.array([(i / n, j / n, 0) for i in range(n) for j in range(n)])
+    Hk = np.array([bloch(R, H, k) for k in kpts])
+    R2, H2 = fourier_ws(kpts, Hk, (n, n, 1), cell, pos)
+    big = [tuple(r) for r, h in zip(R2, H2) if np.abs(h).max() > 1e-12]
+    assert big == [(0, 0, 0)]
+
+
+def test_wannier_hk_lowdin_reproduces_bands():
+    """All bands selected, all orbitals projected: H_W(k) has the exact eigenvalues."""
+    rng = np.random.default_rng(1)
+    nM, nk = 6, 4
+    kpts, eigs, Cs, Ss, Hs = [], [], [], [], []
+    for q in range(nk):
+        X = rng.normal(size=(nM, nM)) + 1j * rng.normal(size=(nM, nM))
+        S = np.eye(nM) + 0.1 * (X @ X.conj().T) / nM
+        Y = rng.normal(size=(nM, nM)) + 1j * rng.normal(size=(nM, nM))
+        Hm = Y + Y.conj().T
+        import scipy.linalg
+
+        e, v = scipy.linalg.eigh(Hm, S)
+        kpts.append([q / nk, 0, 0])
+        eigs.append(e)
+        Cs.append(v.T)  # psi_n = sum_M C[n, M] phi_M
+        Ss.append(S)
+        Hs.append(Hm)
+    data = BlochData(np.array(kpts), np.array(eigs), np.array(Cs), np.array(Ss), (nk, 1, 1))
+    Hk, selected, smin = wannier_hk(data, np.arange(nM))
+    for q in range(nk):
+        assert np.allclose(np.linalg.eigvalsh(Hk[q]), eigs[q], atol=1e-10)
+        # Löwdin orbitals S^-1/2 phi: the Wannier matrix is S^-1/2 H S^-1/2 itself
+        w, V = np.linalg.eigh(Ss[q])
+        s_half = V @ np.diag(w**-0.5) @ V.conj().T
+        assert np.allclose(Hk[q], s_half @ Hs[q] @ s_half, atol=1e-10)
+    assert smin > 0.5  # A^dag A = S here: singular values are sqrt of S eigenvalues
+
+
+def test_window_selection_needs_enough_bands():
+    data = BlochData(np.zeros((1, 3)), np.array([[-5.0, 0.0, 5.0]]), np.eye(3)[None],
+                     np.eye(3)[None], (1, 1, 1))
+    with pytest.raises(ValueError, match="window"):
+        wannier_hk(data, np.arange(2), selection=(-1.0, 1.0))
+    Hk, sel, _ = wannier_hk(data, np.arange(2), selection=(-6.0, 1.0))
+    assert list(sel[0]) == [0, 1]
+    assert np.allclose(np.linalg.eigvalsh(Hk[0]), [-5.0, 0.0])
+
+
+def test_gpts_are_multiples_of_four():
+    atoms = monolayer("MoS2")
+    g = gpts_for(atoms, 0.2)
+    assert all(x % 4 == 0 for x in g)
+    assert all(L / x <= 0.2 + 1e-12 for L, x in zip(atoms.cell.lengths(), g))
+
+
+def test_check_slab_rejects_bad_input():
+    atoms = monolayer("MoS2")
+    check_slab(atoms)
+    bad = atoms.copy()
+    bad.pbc = True
+    with pytest.raises(StructureError, match="pbc"):
+        check_slab(bad)
+    close = atoms.copy()
+    close.positions[1] = close.positions[0] + [0.3, 0, 0]
+    with pytest.raises(StructureError, match="too close"):
+        check_slab(close)
+    edge = atoms.copy()
+    edge.positions[:, 2] -= 5.0
+    with pytest.raises(StructureError, match="z faces"):
+        check_slab(edge)
+
+
+def emt_record(atoms, settings, options, txt=None):
+    """A real (EMT) energy/force record: exercises the runner without GPAW."""
+    a = atoms.copy()
+    a.calc = EMT()
+    return {"arrays": {"energy": np.array(a.get_potential_energy()),
+                       "forces": a.get_forces()},
+            "meta": {"cpu_time": 0.0}}
+
+
+def test_run_dataset_resumes_and_stores_metadata(tmp_path):
+    path = tmp_path / "ref.h5"
+    items = [(f"s{i}", bilayer("MoS2", shift=(0.1 * i, 0.0))) for i in range(3)]
+    for _, a in items:  # EMT knows neither Mo nor S: use Cu/Au stand-ins of the same geometry
+        a.set_chemical_symbols(["Cu" if s == "Mo" else "Au" for s in a.get_chemical_symbols()])
+    new = run_dataset(path, items[:2], DEFAULT, compute=emt_record, command="test", progress=False)
+    assert new == ["s0", "s1"]
+    new = run_dataset(path, items, DEFAULT, compute=emt_record, command="test", progress=False)
+    assert new == ["s2"]  # s0, s1 skipped
+    assert existing_keys(path) == {"s0", "s1", "s2"}
+    with StructureDataset(path, "r") as ds:
+        rec = ds.read("s1")
+        assert rec["forces"].dtype == np.float32 and rec["forces"].shape == (6, 3)
+        assert "gpaw" in rec["attrs"]["versions"] and rec["attrs"]["command"] == "test"
+    with h5py.File(path) as f:
+        assert f["s2"].attrs["complete"]
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
