@@ -107,6 +107,27 @@ class GWCorrection:
 
     # -- predictions ----------------------------------------------------------------------
     @torch.no_grad()
+    def state_features(self, calc, bands: tuple[int, int] | None = None, context_calc=None
+                       ) -> tuple[torch.Tensor, np.ndarray]:
+        """Raw head inputs (ns*nk*nb, F) of bands n1..n2-1 at ``calc``'s k-points, and the
+        DFT energies (ns, nk, nb) in eV. ``context_calc`` (default ``calc``) supplies the
+        material context (super states, density)."""
+        check_slab(calc.get_atoms())
+        ctx = self.material_context(context_calc if context_calc is not None else calc)
+        n1, n2 = self._band_range(calc, bands)
+        mod = state_moduli(calc, range(n1, n2), self.spec)  # (ns, nk, nb, nz, n1, n2)
+        ef = calc.get_fermi_level()
+        ns, nk = mod.shape[:2]
+        eps = np.array([[calc.get_eigenvalues(kpt=k, spin=s)[n1:n2] for k in range(nk)]
+                        for s in range(ns)])
+        x, _ = scale_fields(mod.reshape(-1, *mod.shape[3:]))
+        mu = torch.cat([self.model.state_vae.embed(torch.from_numpy(c))
+                        for c in np.array_split(x, max(1, len(x) // 128))])
+        feats = self.model.features(mu, torch.as_tensor((eps - ef).ravel(), dtype=torch.float32),
+                                    ctx)
+        return feats, eps
+
+    @torch.no_grad()
     def corrections(self, calc, bands: tuple[int, int] | None = None,
                     context_calc=None) -> np.ndarray:
         """Sigma_nk = eps_GW - eps_DFT (eV), shape (spins, kpts, n2 - n1), at ``calc``'s
@@ -115,20 +136,9 @@ class GWCorrection:
             raise HeadNotTrainedError(
                 "this GW model's head has not been trained on G0W0 data (only its VAEs are); "
                 "it cannot predict quasiparticle corrections — see docs/gw.md")
-        check_slab(calc.get_atoms())
-        ctx = self.material_context(context_calc if context_calc is not None else calc)
-        n1, n2 = self._band_range(calc, bands)
         t0 = time.perf_counter()
-        mod = state_moduli(calc, range(n1, n2), self.spec)  # (ns, nk, nb, nz, n1, n2)
-        ef = calc.get_fermi_level()
-        ns, nk, nb = mod.shape[:3]
-        eps = np.array([[calc.get_eigenvalues(kpt=k, spin=s)[n1:n2] for k in range(nk)]
-                        for s in range(ns)])
-        x, _ = scale_fields(mod.reshape(-1, *mod.shape[3:]))
-        mu = self.model.state_vae.embed(torch.from_numpy(x))
-        feats = self.model.features(mu, torch.as_tensor((eps - ef).ravel(), dtype=torch.float32),
-                                    ctx)
-        sigma = self.model(feats).numpy().reshape(ns, nk, nb)
+        feats, eps = self.state_features(calc, bands, context_calc)
+        sigma = self.model(feats).numpy().reshape(eps.shape)
         self.timings["predict_s"] = time.perf_counter() - t0
         return sigma
 

@@ -44,7 +44,8 @@ SUPER_EDGES = (-9.0, -6.0, -3.0, 0.0, 3.0, 6.0, 9.0)
 def check_slab(atoms: Atoms) -> None:
     """Raise StructureError unless ``atoms`` is a 2D slab: periodic in-plane, a3 along z."""
     if atoms.cell.rank < 3:
-        raise StructureError("GW post-processor needs a full 3D cell (vacuum along z); cell is missing")
+        raise StructureError(
+            "GW post-processor needs a full 3D cell (vacuum along z); cell is missing")
     if not (atoms.pbc[0] and atoms.pbc[1]):
         raise StructureError("GW post-processor needs a 2D material periodic along a1 and a2")
     cell = atoms.cell.array
@@ -316,31 +317,33 @@ def list_materials(path: str | os.PathLike) -> list[str]:
 
 # --------------------------------------------------------------------------- dev data set
 
-# 2D monolayers (prototype, lattice constant a in Å, chalcogen-chalcogen thickness in Å);
-# approximate PBE values of C2DB-like structures, used only for this model's own KS data.
-MONOLAYERS: dict[str, tuple[str, float, float]] = {
-    "MoS2": ("2H", 3.18, 3.13), "MoSe2": ("2H", 3.32, 3.34), "MoTe2": ("2H", 3.55, 3.61),
-    "WS2": ("2H", 3.18, 3.14), "WSe2": ("2H", 3.32, 3.35), "WTe2": ("2H", 3.55, 3.60),
-    "CrS2": ("2H", 3.04, 2.95), "CrSe2": ("2H", 3.21, 3.17), "NbS2": ("2H", 3.36, 3.13),
-    "TiS2": ("1T", 3.41, 2.85), "ZrS2": ("1T", 3.69, 2.91), "HfS2": ("1T", 3.64, 2.88),
-    "SnS2": ("1T", 3.70, 2.96), "PtS2": ("1T", 3.57, 2.47), "NbSe2": ("2H", 3.47, 3.36),
+# Extra monolayers (prototype, lattice constant a in Å, chalcogen-chalcogen thickness in Å)
+# beyond those of ase_mlks.structures; approximate PBE values of C2DB-like structures,
+# used only for this model's own KS data.
+EXTRA_MONOLAYERS: dict[str, tuple[str, float, float]] = {
+    "WTe2": ("2H", 3.55, 3.60), "CrSe2": ("2H", 3.21, 3.17), "NbS2": ("2H", 3.36, 3.13),
+    "NbSe2": ("2H", 3.47, 3.36), "TiS2": ("1T", 3.41, 2.85), "ZrS2": ("1T", 3.69, 2.91),
+    "HfS2": ("1T", 3.64, 2.88), "SnS2": ("1T", 3.70, 2.96), "PtS2": ("1T", 3.57, 2.47),
 }
 HELD_OUT = ("MoS2", "WS2", "CrS2")  # excluded from both trainings, as in the paper
 
 
 def build_monolayer(name: str, vacuum: float = 5.0) -> Atoms:
-    """Monolayer by name: 2H/1T MX2 from :data:`MONOLAYERS`, or 'hBN' / 'graphene'."""
-    from ase.build import graphene, mx2
+    """Monolayer by name: :func:`ase_mlks.structures.monolayer` where it knows the material,
+    else a 2H/1T MX2 from :data:`EXTRA_MONOLAYERS`. Fully periodic (GPAW plane waves)."""
+    from ase.build import mx2
 
-    if name == "hBN":
-        atoms = graphene("BN", a=2.51, vacuum=vacuum)
-    elif name == "graphene":
-        atoms = graphene("C2", a=2.47, vacuum=vacuum)
-    elif name in MONOLAYERS:
-        kind, a, thick = MONOLAYERS[name]
+    from ase_mlks.structures import get_material, monolayer
+
+    try:
+        get_material(name)
+    except StructureError:
+        if name not in EXTRA_MONOLAYERS:
+            raise
+        kind, a, thick = EXTRA_MONOLAYERS[name]
         atoms = mx2(name, kind, a=a, thickness=thick, vacuum=vacuum)
     else:
-        raise KeyError(f"unknown monolayer {name!r}; known: {sorted(MONOLAYERS) + ['hBN', 'graphene']}")
+        atoms = monolayer(name, vacuum=vacuum)
     atoms.pbc = True
     return atoms
 

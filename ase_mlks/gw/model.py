@@ -58,10 +58,12 @@ def unorient(x: torch.Tensor, g: int) -> torch.Tensor:
 
 class RotationalConv2d(nn.Module):
     """Circular 2D convolution scanned along the 8 lattice-vector choices; per sample the
-    orientation whose (ReLU) feature map has the largest total is kept.
+    orientation whose (ReLU) feature map has the largest mean is kept.
 
-    forward(x (B, Cin, n1, n2)) -> (list of per-orientation feature groups, orientation (B,)).
-    Samples are grouped by kept orientation because a quarter turn swaps n1 and n2.
+    ``select(x)`` scores all 8 orientations at once (no gradient): scanning the oriented
+    input T_g x with kernel w has the same feature-map total as scanning x with the kernel
+    T_g^-1 w, so one convolution with 8 kernel copies suffices. ``forward`` then runs the
+    convolution on the inputs already put in their kept orientation.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
@@ -69,19 +71,40 @@ class RotationalConv2d(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2,
                               padding_mode="circular")
 
-    def forward(self, x: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]],
-                                                torch.Tensor]:
-        maps = [F.relu(self.conv(orient(x, g))) for g in range(N_ORIENTATIONS)]
-        # mean, not sum, so that ties between orientations compare equal sized maps exactly
-        scores = torch.stack([m.detach().double().mean(dim=(1, 2, 3)) for m in maps], dim=1)
+    @torch.no_grad()
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """Kept orientation g (0..7) per sample, (B,) long."""
+        w, b = self.conv.weight, self.conv.bias
+        kernels = torch.cat([unorient(w, g) for g in range(N_ORIENTATIONS)])
+        pad = self.conv.padding[0]
+        xp = F.pad(x, (pad, pad, pad, pad), mode="circular")
+        maps = F.relu(F.conv2d(xp, kernels, b.repeat(N_ORIENTATIONS)))
+        scores = maps.view(x.shape[0], N_ORIENTATIONS, -1).double().mean(-1)
         # break exact ties (symmetric inputs) towards the lowest g, deterministically
-        best = torch.argmax(scores - 1e-12 * torch.arange(N_ORIENTATIONS, dtype=scores.dtype),
-                            dim=1)
-        groups = []
-        for g in torch.unique(best).tolist():
-            idx = torch.nonzero(best == g).flatten()
-            groups.append((idx, maps[g][idx]))
-        return groups, best
+        ramp = 1e-12 * torch.arange(N_ORIENTATIONS, dtype=scores.dtype)
+        return torch.argmax(scores - ramp, dim=1)
+
+    def forward(self, x_oriented: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv(x_oriented))
+
+
+def canonical_groups(x: torch.Tensor, best: torch.Tensor
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Inputs in their kept orientation, grouped by grid shape: [(batch indices, x_oriented)].
+
+    One group when n1 == n2; a quarter turn swaps n1 and n2 otherwise.
+    """
+    by_shape: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+    for g in torch.unique(best).tolist():
+        idx = torch.nonzero(best == g).flatten()
+        xo = orient(x[idx], g)
+        for i, row in zip(idx.tolist(), xo):
+            by_shape.setdefault(tuple(xo.shape[-2:]), []).append((i, row))
+    groups = []
+    for rows in by_shape.values():
+        idx = torch.tensor([i for i, _ in rows])
+        groups.append((idx, torch.stack([r for _, r in rows])))
+    return groups
 
 
 @dataclass
@@ -123,18 +146,27 @@ class CrystalVAE(nn.Module, CheckpointMixin):
         self.up2 = nn.ConvTranspose2d(c1, in_channels, 2, stride=2)
 
     # -- encoder ------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, nz, n1, n2) -> mu (B, p), logvar (B, p), kept orientation (B,)."""
+    def _check(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.hparams["in_channels"]:
             raise ValueError(f"CrystalVAE expects (B, {self.hparams['in_channels']}, n1, n2) "
                              f"moduli; got shape {tuple(x.shape)}")
-        groups, best = self.rot(x)
-        pooled = x.new_zeros(x.shape[0], self.hparams["channels"])
-        for idx, feat in groups:
-            h = F.relu(self.conv(feat))
+
+    def _encode_groups(self, groups) -> tuple[torch.Tensor, torch.Tensor]:
+        n = sum(len(idx) for idx, _ in groups)
+        first = groups[0][1]
+        pooled = first.new_zeros(n, self.hparams["channels"])
+        for idx, xo in groups:
+            h = F.relu(self.conv(self.rot(xo)))
             pooled = pooled.index_copy(0, idx, h.mean(dim=(2, 3)))  # global average pooling
         mu, logvar = self.to_latent(pooled).chunk(2, dim=1)
-        return mu, logvar.clamp(-20.0, 10.0), best
+        return mu, logvar.clamp(-20.0, 10.0)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, nz, n1, n2) -> mu (B, p), logvar (B, p), kept orientation (B,)."""
+        self._check(x)
+        best = self.rot.select(x)
+        mu, logvar = self._encode_groups(canonical_groups(x, best))
+        return mu, logvar, best
 
     # -- decoder ------------------------------------------------------------------------
     def decode(self, z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -146,30 +178,24 @@ class CrystalVAE(nn.Module, CheckpointMixin):
 
     def forward(self, x: torch.Tensor, sample: bool | None = None) -> VAEOutput:
         """Encode, sample z (training) or take z = mu (eval), decode in the kept orientation."""
-        mu, logvar, best = self.encode(x)
+        self._check(x)
+        best = self.rot.select(x)
+        groups = canonical_groups(x, best)
+        mu, logvar = self._encode_groups(groups)
         sample = self.training if sample is None else sample
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
-        recon, target = [], []
-        for g in range(N_ORIENTATIONS):
-            idx = torch.nonzero(best == g).flatten()
-            if len(idx) == 0:
-                continue
-            t = orient(x[idx], g)
-            recon.append((idx, self.decode(z[idx], t.shape[-2:])))
-            target.append(t)
-        # re-assemble in batch order (all oriented grids share a shape when n1 == n2)
-        order = torch.cat([i for i, _ in recon])
-        inv = torch.argsort(order)
-        shapes = {r.shape[-2:] for _, r in recon}
-        if len(shapes) == 1:
-            rec = torch.cat([r for _, r in recon])[inv]
-            tgt = torch.cat(target)[inv]
-        else:  # n1 != n2 and mixed orientations: compare in the input frame instead
-            rec = torch.empty_like(x)
-            for (idx, r), g in zip(recon, [int(best[i[0]]) for i, _ in recon]):
-                rec[idx] = unorient(r, g)
-            tgt, best = x, torch.zeros_like(best)
-        return VAEOutput(rec, tgt, mu, logvar, best)
+        if len(groups) == 1:
+            idx, xo = groups[0]
+            inv = torch.argsort(idx)
+            rec = self.decode(z[idx], xo.shape[-2:])[inv]
+            return VAEOutput(rec, xo[inv], mu, logvar, best)
+        # n1 != n2 with both grid shapes present: compare in the input frame instead
+        rec = torch.empty_like(x)
+        for idx, xo in groups:
+            r = self.decode(z[idx], xo.shape[-2:])
+            for j, i in enumerate(idx.tolist()):
+                rec[i] = unorient(r[j], int(best[i]))
+        return VAEOutput(rec, x, mu, logvar, torch.zeros_like(best))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -79,28 +80,47 @@ def group_by_shape(batch) -> list[torch.Tensor]:
 
 
 def load_fields(paths: Sequence[str | Path], kind: str, exclude: Sequence[str] = HELD_OUT,
-                only: Sequence[str] | None = None) -> tuple[list[np.ndarray], list[int], list[str]]:
-    """All scaled fields of ``kind`` from KS HDF5 files (material groups), minus ``exclude``."""
-    fields, mats, names = [], [], []
+                only: Sequence[str] | None = None, scaled: bool = True
+                ) -> dict[str, np.ndarray]:
+    """Fields of ``kind`` per material from KS HDF5 files (material groups), minus
+    ``exclude``; scaled to [0, 1] by each field's maximum unless ``scaled=False``."""
+    out: dict[str, np.ndarray] = {}
     for path in paths:
         for name in list_materials(path):
-            if name in exclude or (only is not None and name not in only):
+            if name in exclude or (only is not None and name not in only) or name in out:
                 continue
-            ms = read_material(path, name)
-            x, _ = scale_fields(fields_of(ms, kind))
-            names.append(name)
-            fields += list(x)
-            mats += [len(names) - 1] * len(x)
-    if not fields:
+            x = fields_of(read_material(path, name), kind)
+            out[name] = scale_fields(x)[0] if scaled else x
+    if not out:
         raise ValueError(f"no {kind} fields found in {list(map(str, paths))}")
-    return fields, mats, names
+    return out
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random split of n items (the paper's 90/10)."""
-    perm = np.random.default_rng(seed).permutation(n)
-    nval = max(1, int(round(val_fraction * n))) if n > 1 else 0
+def material_split(name: str, n: int, val_fraction: float, seed: int,
+                   max_per_material: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices of one material's n fields: the paper's random 90/10 split, made
+    per material with a seed derived from its name, so adding materials later leaves the
+    split of the others unchanged (training can resume on a grown data set)."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    perm = rng.permutation(n)
+    if max_per_material is not None:
+        perm = perm[:max_per_material]
+    nval = int(round(val_fraction * len(perm))) if len(perm) > 1 else 0
     return np.sort(perm[nval:]), np.sort(perm[:nval])
+
+
+def split_fields(fields: dict[str, np.ndarray], val_fraction: float, seed: int,
+                 max_per_material: int | None = None) -> tuple[FieldDataset, FieldDataset]:
+    """Train and validation sets over all materials (see :func:`material_split`)."""
+    names = sorted(fields)
+    tr_x, tr_m, va_x, va_m = [], [], [], []
+    for i, name in enumerate(names):
+        tr, va = material_split(name, len(fields[name]), val_fraction, seed, max_per_material)
+        tr_x += list(fields[name][tr])
+        tr_m += [i] * len(tr)
+        va_x += list(fields[name][va])
+        va_m += [i] * len(va)
+    return FieldDataset(tr_x, tr_m), FieldDataset(va_x, va_m)
 
 
 def make_vae_loss(beta: float):
@@ -118,50 +138,28 @@ def make_vae_loss(beta: float):
 
 def train_vae(data: Sequence[str | Path], kind: str = "state", workdir: str | Path = "runs/gw/vae",
               channels: int = 64, latent: int = 30, beta: float = 1e-4, epochs: int = 30,
-              batch_size: int = 32, lr: float = 1e-3, val_fraction: float = 0.1, seed: int = 0,
+              batch_size: int = 16, lr: float = 2e-3, val_fraction: float = 0.1, seed: int = 0,
               exclude: Sequence[str] = HELD_OUT, progress: bool = True,
-              max_fields: int | None = None, patience: int = 10) -> tuple[CrystalVAE, dict]:
+              max_per_material: int | None = None, patience: int = 10
+              ) -> tuple[CrystalVAE, dict]:
     """Train a crystal VAE on ``kind`` fields; returns (model with best weights, split info)."""
-    fields, mats, names = load_fields(data, kind, exclude)
-    if max_fields is not None and len(fields) > max_fields:  # uniform subsample, reproducible
-        keep = np.sort(np.random.default_rng(seed).choice(len(fields), max_fields, replace=False))
-        fields, mats = [fields[i] for i in keep], [mats[i] for i in keep]
-    tr, va = split_indices(len(fields), val_fraction, seed)
-    train_set = FieldDataset([fields[i] for i in tr], [mats[i] for i in tr])
-    val_set = FieldDataset([fields[i] for i in va], [mats[i] for i in va]) if len(va) else None
-    model = CrystalVAE(in_channels=fields[0].shape[0], channels=channels, latent=latent)
-    info = {"kind": kind, "materials": names, "n_train": len(tr), "n_val": len(va),
-            "beta": beta, "seed": seed, "val_fraction": val_fraction,
-            "data": [str(p) for p in data]}
-    trainer = Trainer(model, make_vae_loss(beta), train_set, val_set, collate_fn=group_by_shape,
-                      batch_size=batch_size, lr=lr, max_epochs=epochs, patience=patience,
-                      workdir=workdir, seed=seed, progress=progress, checkpoint_extra=info,
-                      data_hash=hash_file(data[0]))
+    fields = load_fields(data, kind, exclude)
+    train_set, val_set = split_fields(fields, val_fraction, seed, max_per_material)
+    nz = next(iter(fields.values())).shape[1]
+    model = CrystalVAE(in_channels=nz, channels=channels, latent=latent)
+    info = {"kind": kind, "materials": sorted(fields), "n_train": len(train_set),
+            "n_val": len(val_set), "beta": beta, "seed": seed, "val_fraction": val_fraction,
+            "max_per_material": max_per_material, "channels": channels, "epochs": epochs,
+            "lr": lr, "batch_size": batch_size, "data": [str(p) for p in data]}
+    trainer = Trainer(model, make_vae_loss(beta), train_set, val_set if len(val_set) else None,
+                      collate_fn=group_by_shape, batch_size=batch_size, lr=lr,
+                      max_epochs=epochs, patience=patience, workdir=workdir, seed=seed,
+                      progress=progress, checkpoint_extra=info, data_hash=hash_file(data[0]))
     trainer.fit()
     return trainer.model, info
 
 
 # --------------------------------------------------------------------------- GW head
-
-
-def material_context(model: GWModel, ms: MaterialStates) -> torch.Tensor:
-    """Per-material context vector of Eq. (3) (super states + density encodings)."""
-    sup, _ = scale_fields(ms.super_moduli)
-    rho, _ = scale_fields(ms.density[None])
-    return model.context(torch.from_numpy(sup), torch.as_tensor(ms.super_energies,
-                                                                 dtype=torch.float32),
-                         torch.from_numpy(rho[0]))
-
-
-@torch.no_grad()
-def state_features(model: GWModel, ms: MaterialStates, spin: int, kpt_bands: np.ndarray,
-                   energies: np.ndarray, context: torch.Tensor) -> torch.Tensor:
-    """Raw head features for states given by rows (k index, position in ms.bands)."""
-    x = ms.moduli[spin, kpt_bands[:, 0], kpt_bands[:, 1]]
-    xs, _ = scale_fields(x)
-    mu = torch.cat([model.state_vae.embed(torch.from_numpy(c))
-                    for c in np.array_split(xs, max(1, len(xs) // 256))])
-    return model.features(mu, torch.as_tensor(energies, dtype=torch.float32), context)
 
 
 class TensorPairs(Dataset):
@@ -207,6 +205,138 @@ def train_head(model: GWModel, x_train: torch.Tensor, y_train: torch.Tensor,
     model = trainer.model
     model.head_trained.fill_(True)
     return model
+
+
+def read_gw_record(path: str | Path, name: str) -> dict:
+    """One material of the reference G0W0 file (schema: ase_mlks/reference/gw.py): atoms,
+    bands (n1, n2), ibz_kpts, eps / qp (nk, nb) eV, fermi_level, settings, timings."""
+    import h5py
+    from ase import Atoms
+
+    with h5py.File(path, "r") as f:
+        if name not in f or not f[name].attrs.get("complete", False):
+            raise KeyError(f"no complete G0W0 record {name!r} in {path}")
+        g = f[name]
+        rec = {k: g[k][()] for k in ("bands", "ibz_kpts", "eps", "qp") if k in g}
+        missing = {"bands", "ibz_kpts", "eps", "qp"} - set(rec)
+        if missing:
+            raise KeyError(f"G0W0 record {name!r} in {path} lacks {sorted(missing)}")
+        rec["atoms"] = Atoms(numbers=g["numbers"][()], positions=g["positions"][()],
+                             cell=g["cell"][()], pbc=g["pbc"][()])
+        rec["fermi_level"] = float(g.attrs["fermi_level"])
+        rec["settings"] = json.loads(g.attrs["settings"])
+        rec["cpu_time_gs"] = float(g.attrs.get("cpu_time_gs", np.nan))
+        rec["cpu_time_gw"] = float(g.attrs.get("cpu_time_gw", np.nan))
+    return rec
+
+
+def gw_materials(path: str | Path) -> list[str]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return sorted(k for k in f if f[k].attrs.get("complete", False))
+
+
+def gw_ground_state(rec: dict, name: str, gpw_dir: str | Path = "runs/gw"):
+    """GPAW calculator with the G0W0 record's KS states: the pipeline's full-diagonalization
+    file if it is still there, else the same PW ground state recomputed (record's atoms and
+    settings; IBZ k-points as GPAW chooses them, checked against the record)."""
+    from gpaw import GPAW, PW, FermiDirac
+
+    gpw = Path(gpw_dir) / f"{name}_fulldiag.gpw"
+    if gpw.exists():
+        calc = GPAW(str(gpw), txt=None)
+    else:
+        s = rec["settings"]
+        atoms = rec["atoms"].copy()
+        calc = GPAW(mode=PW(s["ecut_gs"]), xc="PBE", txt=None,
+                    kpts={"size": (s["kmesh"], s["kmesh"], 1), "gamma": True},
+                    occupations=FermiDirac(s["width"]), convergence={"density": 1e-6},
+                    nbands=int(rec["bands"][1]) + 8)
+        atoms.calc = calc
+        atoms.get_potential_energy()
+    k = np.asarray(calc.get_ibz_k_points())
+    if k.shape != rec["ibz_kpts"].shape or not np.allclose(k, rec["ibz_kpts"], atol=1e-6):
+        raise ValueError(f"{name}: k-points of the recomputed ground state differ from the "
+                         "G0W0 record's")
+    n1, n2 = (int(b) for b in rec["bands"])
+    eps = np.array([calc.get_eigenvalues(kpt=i)[n1:n2] for i in range(len(k))])
+    dev = float(np.abs(eps - rec["eps"]).max())
+    if dev > 0.05:
+        raise ValueError(f"{name}: KS energies differ from the G0W0 record's by {dev:.3f} eV")
+    return calc
+
+
+def head_data(gwc, gw_path: str | Path, names: Sequence[str], gpw_dir: str | Path = "runs/gw",
+              progress: bool = True) -> dict[str, dict]:
+    """Features, targets Sigma = qp - eps (eV) and occupations of every G0W0-labelled state.
+
+    ``gwc`` is a :class:`~ase_mlks.gw.calculator.GWCorrection` (its head need not be
+    trained): features are built exactly as at prediction time.
+    """
+    from tqdm.auto import tqdm
+
+    out = {}
+    for name in tqdm(names, desc="G0W0 materials", disable=not progress):
+        rec = read_gw_record(gw_path, name)
+        calc = gw_ground_state(rec, name, gpw_dir)
+        n1, n2 = (int(b) for b in rec["bands"])
+        feats, eps = gwc.state_features(calc, (n1, n2))
+        ef = calc.get_fermi_level()
+        out[name] = {"x": feats, "y": torch.as_tensor((rec["qp"] - rec["eps"]).ravel(),
+                                                      dtype=torch.float32),
+                     "occupied": torch.as_tensor((eps[0] < ef).ravel()),
+                     "kpts": rec["ibz_kpts"], "bands": (n1, n2), "eps": rec["eps"],
+                     "qp": rec["qp"], "cpu_time_gw": rec["cpu_time_gw"],
+                     "cpu_time_gs": rec["cpu_time_gs"]}
+    return out
+
+
+def fit_gw(model: GWModel, data: dict[str, dict], workdir: str | Path,
+           held_out: Sequence[str] = HELD_OUT, test_fraction: float = 0.1, seed: int = 0,
+           epochs: int = 1000, progress: bool = True) -> tuple[GWModel, dict]:
+    """Train the GW head and the two baselines on the same split; MAEs (eV) of all three.
+
+    Split as in the paper: held-out materials excluded entirely; the other materials'
+    states split randomly 90/10 into train/test.
+    """
+    train_names = [n for n in data if n not in held_out]
+    if not train_names:
+        raise ValueError("no G0W0 materials left for training after the held-out ones")
+    x = torch.cat([data[n]["x"] for n in train_names])
+    y = torch.cat([data[n]["y"] for n in train_names])
+    occ = torch.cat([data[n]["occupied"] for n in train_names])
+    perm = np.random.default_rng(seed).permutation(len(y))
+    ntest = max(1, int(round(test_fraction * len(y))))
+    te, tr = torch.as_tensor(perm[:ntest]), torch.as_tensor(perm[ntest:])
+    p = model.state_vae.latent
+    energy_col = slice(p, p + 1) if model.hparams["features"] == "full" else slice(0, 1)
+    model = train_head(model, x[tr], y[tr], x[te], y[te], Path(workdir) / "head",
+                       epochs=epochs, seed=seed, progress=progress)
+    base = GWModel(**{**model.hparams, "features": "energy"})
+    base = train_head(base, x[tr][:, energy_col], y[tr], x[te][:, energy_col], y[te],
+                      Path(workdir) / "energy_only", epochs=epochs, seed=seed,
+                      progress=progress)
+    scissor = {True: float(y[tr][occ[tr]].mean()), False: float(y[tr][~occ[tr]].mean())}
+
+    def maes(xs, ys, occs) -> dict[str, float]:
+        with torch.no_grad():
+            sc = torch.where(occs, scissor[True], scissor[False])
+            return {"n": len(ys), "model": float((model(xs) - ys).abs().mean()),
+                    "energy_only_nn": float((base(xs[:, energy_col]) - ys).abs().mean()),
+                    "scissor": float((sc - ys).abs().mean())}
+
+    res = {"train_materials": train_names, "scissor_shift_eV": scissor,
+           "train": maes(x[tr], y[tr], occ[tr]), "test_states": maes(x[te], y[te], occ[te])}
+    for n in data:
+        if n in held_out:
+            res[f"heldout_{n}"] = maes(data[n]["x"], data[n]["y"], data[n]["occupied"])
+    ho = [n for n in data if n in held_out]
+    if ho:
+        res["heldout_materials"] = maes(torch.cat([data[n]["x"] for n in ho]),
+                                        torch.cat([data[n]["y"] for n in ho]),
+                                        torch.cat([data[n]["occupied"] for n in ho]))
+    return model, res
 
 
 def assemble(state: str | Path, super_: str | Path, density: str | Path, **kw) -> GWModel:
@@ -259,9 +389,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     v.add_argument("--latent", type=int, default=30)
     v.add_argument("--beta", type=float, default=1e-4)
     v.add_argument("--epochs", type=int, default=30)
-    v.add_argument("--batch-size", type=int, default=32)
-    v.add_argument("--lr", type=float, default=1e-3)
-    v.add_argument("--max-fields", type=int, default=None)
+    v.add_argument("--batch-size", type=int, default=16)
+    v.add_argument("--lr", type=float, default=2e-3)
+    v.add_argument("--max-per-material", type=int, default=None)
     v.add_argument("--patience", type=int, default=10)
     v.add_argument("--seed", type=int, default=0)
     a = sub.add_parser("assemble", help="combine three VAEs into one GW model file")
@@ -269,11 +399,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     a.add_argument("--super", required=True)
     a.add_argument("--density", required=True)
     a.add_argument("--out", required=True)
+    h = sub.add_parser("head", help="supervised GW head on G0W0 data (encoders frozen)")
+    h.add_argument("--model", required=True, help="GW model file (VAEs trained)")
+    h.add_argument("--gw", default="data/gw_monolayers.h5")
+    h.add_argument("--gpw-dir", default="runs/gw")
+    h.add_argument("--workdir", default="runs/gw/head")
+    h.add_argument("--epochs", type=int, default=1000)
+    h.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.cmd == "vae":
         model, info = train_vae(args.data, args.kind, args.workdir, args.channels, args.latent,
                                 args.beta, args.epochs, args.batch_size, args.lr, seed=args.seed,
-                                max_fields=args.max_fields, patience=args.patience)
+                                max_per_material=args.max_per_material, patience=args.patience)
         model.save(Path(args.workdir) / "model.pt", extra=info)
         print(json.dumps(info))
     elif args.cmd == "assemble":
@@ -282,6 +419,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                                             "density")}
         model.save(args.out, extra={"vae_training": extras, "head": "untrained"})
         print(f"wrote {args.out}")
+    elif args.cmd == "head":
+        from .calculator import GWCorrection
+
+        model = GWModel.load(args.model)
+        extra = dict(model.checkpoint_meta["extra"])
+        data = head_data(GWCorrection(model), args.gw, gw_materials(args.gw), args.gpw_dir)
+        model, res = fit_gw(model, data, args.workdir, epochs=args.epochs)
+        extra.update(head="trained", head_training=res)
+        model.save(args.out, extra=extra, data_hash=hash_file(args.gw))
+        print(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
