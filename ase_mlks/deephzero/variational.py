@@ -279,7 +279,7 @@ def variational_dft(engine: DFTEngine, sigma: float = 0.01, *, sc_weight: float 
             grad_l = hleaf.grad.detach()
         rec = {"step": step + 1, "evaluations": fe.n_evaluations,
                "seconds": time.perf_counter() - t0,
-               "free_energy_Ha": float(terms.free_energy), "energy_Ha": terms.energy,
+               "free_energy_Ha": float(terms.free_energy.detach()), "energy_Ha": terms.energy,
                "sc_Ha": terms.sc,
                "grad_E_mean_eV": float(grad_e.abs().mean()),
                "grad_L_max": float(grad_l.abs().max()),

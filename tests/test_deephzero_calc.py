@@ -1,0 +1,81 @@
+"""DeepHZeroCalc on the shipped model h2o-pbe-svp: ASE API, invariances, clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk, molecule
+from scipy.spatial.transform import Rotation
+
+from ase_mlks.core.errors import CheckpointError, StructureError, UnknownElementError
+from ase_mlks.deephzero import DeepHZeroCalc
+
+pytest.importorskip("pyscf")  # the basis overlap S comes from PySCF's integrals
+
+
+@pytest.fixture(scope="module")
+def calc():
+    return DeepHZeroCalc(model="h2o-pbe-svp")
+
+
+def _water():
+    return Atoms("OH2", positions=[[0.0, 0.0, 0.119], [0.0, 0.77, -0.47], [0.0, -0.74, -0.48]])
+
+
+def test_shipped_model_records_level_of_theory(calc):
+    desc = calc.model.engine_description
+    assert desc["xc"].upper() == "PBE" and desc["basis"].lower() == "def2-svp"
+    assert calc.model.checkpoint_meta["extra"]["mode"] == "unsupervised"
+
+
+def test_hamiltonian_eigenvalues_homo_lumo(calc):
+    atoms = _water()
+    atoms.calc = calc
+    ham = calc.get_hamiltonian()
+    assert ham.norb == 24
+    assert ham.hermiticity_error() < 1e-10
+    eps = calc.get_eigenvalues()
+    assert eps.shape == (24,) and np.all(np.diff(eps) >= -1e-9)
+    homo, lumo = calc.get_homo_lumo()
+    assert homo == pytest.approx(eps[4]) and lumo == pytest.approx(eps[5])
+    assert lumo - homo > 2.0  # water is a wide-gap molecule (eV)
+    assert homo < calc.get_fermi_level() < lumo
+    _, S = calc.get_overlap()
+    assert np.allclose(np.diagonal(S[0]), 1.0, atol=1e-6)
+
+
+def test_spectrum_is_rotation_invariant(calc):
+    atoms = _water()
+    atoms.calc = calc
+    e1 = calc.get_eigenvalues()
+    rot = atoms.copy()
+    rot.positions = atoms.positions @ Rotation.random(random_state=4).as_matrix().T
+    c2 = DeepHZeroCalc(model=calc.model)
+    rot.calc = c2
+    assert np.abs(c2.get_eigenvalues() - e1).max() < 1e-6
+
+
+@pytest.mark.pyscf
+def test_energy_is_variational_upper_bound(calc):
+    from ase_mlks.deephzero.engine import HARTREE, PySCFEngine
+
+    atoms = _water()
+    atoms.calc = DeepHZeroCalc(model=calc.model)
+    e_model = atoms.get_potential_energy()
+    free = atoms.calc.get_property("free_energy")
+    ref = PySCFEngine(atoms, **{k: calc.model.engine_description[k]
+                                for k in ("basis", "xc", "grid_level")}).scf(calc.model.sigma)
+    assert free >= ref.free_energy * HARTREE - 1e-6
+    assert e_model - ref.energy * HARTREE < 0.5  # a trained model is close to the minimum
+
+
+def test_bad_inputs_raise_clear_errors(calc, tmp_path):
+    with pytest.raises(UnknownElementError, match="N"):
+        DeepHZeroCalc(model=calc.model).get_hamiltonian(molecule("NH3"))
+    with pytest.raises(StructureError, match="trained on molecules"):
+        DeepHZeroCalc(model=calc.model).get_hamiltonian(bulk("Na", "bcc", a=4.2))
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError):
+        DeepHZeroCalc(model=str(bad))
