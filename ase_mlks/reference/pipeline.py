@@ -143,6 +143,7 @@ def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
                                {"grid": list(options.wannier_kpts or settings.kpts)})
     rec["meta"]["cpu_time"] = time.process_time() - t0
     rec["meta"]["wall_time"] = time.time() - w0
+    rec["calc"] = calc  # not stored; lets callers reuse the converged calculator
     return rec
 
 
@@ -192,7 +193,9 @@ def _worker(args):
     key, atoms, settings, options, txtdir = args
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     txt = None if txtdir is None else str(Path(txtdir) / f"{key}.txt")
-    return key, compute_slab_record(atoms, settings, options, txt=txt)
+    rec = compute_slab_record(atoms, settings, options, txt=txt)
+    rec.pop("calc", None)  # GPAW calculators do not cross process boundaries
+    return key, rec
 
 
 def run_dataset(path: str | os.PathLike, items: Iterable[tuple[str, Atoms]],
