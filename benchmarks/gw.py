@@ -26,7 +26,13 @@ import torch
 
 from ase_mlks.gw.data import HELD_OUT, list_materials, read_material
 from ase_mlks.gw.model import GWModel
-from ase_mlks.gw.trainer import fields_of, pooled_r2, reconstruction_metrics, split_indices
+from ase_mlks.gw.trainer import (
+    fields_of,
+    load_fields,
+    material_split,
+    pooled_r2,
+    reconstruction_metrics,
+)
 
 
 def summarize(metrics: dict, fields: np.ndarray) -> dict:
@@ -37,21 +43,12 @@ def summarize(metrics: dict, fields: np.ndarray) -> dict:
             "norm_within_1pct": float(np.mean(np.abs(metrics["norm_ratio"] - 1) < 0.01))}
 
 
-def heldout_states(model: GWModel, info: dict) -> np.ndarray:
+def heldout_states(info: dict) -> np.ndarray:
     """Raw fields of the state VAE's validation split, rebuilt from its recorded settings."""
-    raw = []  # same order as trainer.load_fields, unscaled
-    for path in info["data"]:
-        for name in list_materials(path):
-            if name in HELD_OUT:
-                continue
-            raw.append(fields_of(read_material(path, name), "state"))
-    raw = np.concatenate(raw)
-    if info.get("max_fields") and len(raw) > info["max_fields"]:
-        keep = np.sort(np.random.default_rng(info["seed"]).choice(len(raw), info["max_fields"],
-                                                                   replace=False))
-        raw = raw[keep]
-    _, va = split_indices(len(raw), info["val_fraction"], info["seed"])
-    return raw[va]
+    fields = load_fields(info["data"], "state", HELD_OUT, only=info["materials"], scaled=False)
+    val = [fields[n][material_split(n, len(fields[n]), info["val_fraction"], info["seed"],
+                                    info["max_per_material"])[1]] for n in sorted(fields)]
+    return np.concatenate(val)
 
 
 def valence_density_r2(model: GWModel, ms) -> float:
@@ -94,7 +91,7 @@ def vae_benchmark(model: GWModel, ks_paths: list[str], outdir: Path) -> dict:
     info = model.checkpoint_meta["extra"]["vae_training"]["state"]
     res: dict = {"state_vae_training": {k: info[k] for k in ("materials", "n_train", "n_val",
                                                               "beta", "seed")}}
-    val = heldout_states(model, info)
+    val = heldout_states(info)
     res["heldout_states"] = summarize(reconstruction_metrics(model.state_vae, val), val)
     per_mat, all_x, all_m = {}, [], []
     for path in ks_paths:
@@ -122,6 +119,64 @@ def vae_benchmark(model: GWModel, ks_paths: list[str], outdir: Path) -> dict:
         merged = {k: np.concatenate([m[k] for m in all_m]) for k in all_m[0]}
         res["heldout_materials"] = {"all": summarize(merged, x), **per_mat}
     return res
+
+
+def gw_benchmark(model: GWModel, gw_path: str, outdir: Path, npoints: int = 80) -> dict:
+    """Head MAEs recorded by the training run (model and both baselines fitted there on one
+    split) + the MoS2 band structure against G0W0 and the cost ratio, measured now."""
+    from ase_mlks.gw.calculator import GWCorrection
+    from ase_mlks.gw.trainer import gw_ground_state, read_gw_record
+
+    res = {"head_training": model.checkpoint_meta["extra"].get("head_training")}
+    rec = read_gw_record(gw_path, "MoS2")
+    calc = gw_ground_state(rec, "MoS2")
+    gwc = GWCorrection(model)
+    n1, n2 = (int(b) for b in rec["bands"])
+    t0 = time.perf_counter()
+    bs = gwc.band_structure(calc, "GMKG", npoints=npoints, bands=(n1, n2))
+    seconds = time.perf_counter() - t0
+    gw_seconds = rec["cpu_time_gw"] + rec["cpu_time_gs"]
+    res["cost"] = {"band_structure_s": seconds, **gwc.timings,
+                   "g0w0_cpu_s (ground state + G0W0)": gw_seconds,
+                   "ratio_g0w0_over_ml": gw_seconds / seconds}
+    # G0W0 points where a path k-point is one of the record's k-points (same DFT energies)
+    eps_path = gwc.last_dft_energies[0]
+    pts = []
+    for i, e in enumerate(eps_path):
+        d = np.abs(rec["eps"] - e[None]).max(axis=1)
+        if d.min() < 2e-3:
+            pts.append((i, int(np.argmin(d))))
+    xs, _, _ = bs.path.get_linear_kpoint_axis()
+    errs = [np.abs(bs.energies[0, i] - rec["qp"][k]).mean() for i, k in pts]
+    res["mos2_path"] = {"n_points_with_g0w0": len(pts),
+                        "mae_vs_g0w0_on_path_eV": float(np.mean(errs)) if errs else None}
+    plot_band_structure(bs, eps_path, xs, pts, rec, outdir / "gw_mos2_band_structure.png")
+    return res
+
+
+def plot_band_structure(bs, eps_path, xs, pts, rec, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ef = bs.reference
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.plot(xs, eps_path - ef, "k--", lw=0.8)
+    ax.plot(xs, bs.energies[0] - ef, "b-", lw=1.2)
+    for i, k in pts:
+        ax.plot([xs[i]] * rec["qp"].shape[1], rec["qp"][k] - ef, "ro", ms=4, mfc="none")
+    _, special_x, labels = bs.path.get_linear_kpoint_axis()
+    ax.set_xticks(special_x, [r"$\Gamma$" if lab == "G" else lab for lab in labels])
+    for x in special_x:
+        ax.axvline(x, color="0.7", lw=0.5)
+    ax.set_xlim(xs[0], xs[-1])
+    ax.set_ylabel("E - E_F(PBE) (eV)")
+    ax.set_title("MoS2 (held out): PBE (dashed), ML G0W0 (line), GPAW G0W0 (circles)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
 
 
 def print_table(res: dict) -> None:
@@ -156,6 +211,11 @@ def main() -> None:
     if not bool(model.head_trained):
         res["gw"] = ("not evaluated: the model's GW head is untrained (no G0W0 data was "
                      "available to train it)")
+    elif not Path(a.gw).exists():
+        res["gw"] = f"not evaluated: {a.gw} does not exist"
+    else:
+        res["gw"] = gw_benchmark(model, a.gw, out.parent)
+        print(json.dumps(res["gw"], indent=1, default=str))
     print_table(res["vae"])
     print(f"GW head: {res['gw'] if isinstance(res.get('gw'), str) else 'see JSON'}")
     res["seconds"] = time.time() - t0
