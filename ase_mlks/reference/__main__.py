@@ -107,7 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="default", help="G0W0 settings preset (see gw.py)")
     p.add_argument("--workdir", default="runs/gw")
     p.add_argument("--mpi", type=int, default=0)
+    p = sub.add_parser("summary", help="table of what an output file holds")
+    p.add_argument("files", nargs="+")
     args = parser.parse_args(argv)
+    if args.cmd == "summary":
+        from .summary import print_summary
+
+        for path in args.files:
+            print_summary(path)
+        return 0
     command = "python -m ase_mlks.reference " + " ".join(shlex.quote(a) for a in argv)
 
     if args.mpi and not os.environ.get("ASE_MLKS_UNDER_MPI"):
