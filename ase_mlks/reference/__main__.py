@@ -33,7 +33,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wannier-kpts", type=int, nargs=2, default=None,
                    help="k-grid of the non-SCF run for the Wannier H(R)")
     p.add_argument("--no-wannier", action="store_true")
-    p.add_argument("--h-threshold", type=float, default=1e-3,
+    p.add_argument("--h-threshold", type=float, default=1e-4,
                    help="drop |H(R)| below this (eV) when storing")
     p.add_argument("--gpaw-bands", action="store_true",
                    help="store GPAW bands on the G-M-K-G path near the gap")

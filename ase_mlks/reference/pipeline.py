@@ -49,7 +49,7 @@ class RecordOptions:
 
     wannier_basis: dict = field(default_factory=lambda: {"Mo": "4d", "S": "3p"})
     wannier_kpts: tuple[int, int] | None = (6, 6)
-    h_threshold: float = 1e-3
+    h_threshold: float = 1e-4
     band_path: str = "GMKG"
     band_npoints: int = 31
     gpaw_bands: bool = False
@@ -110,24 +110,26 @@ def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
                 symmetry={"point_group": False, "time_reversal": True}, txt=None)
             wcalc.get_potential_energy()
     if options.wannier_basis:
-        from .wannier import band_error, build_wannier
+        from .wannier import build_wannier, compare_bands, gpaw_manifold_bands
 
-        res = build_wannier(wcalc, atoms, basis=options.wannier_basis, width=settings.width)
+        full = build_wannier(wcalc, atoms, basis=options.wannier_basis, width=settings.width)
+        res = _truncate(full, options.h_threshold) if options.h_threshold > 0 else full
         tb = res.tb()
-        ntot = tb.nnz
-        if options.h_threshold > 0:
-            res = _truncate(res, options.h_threshold)
-            tb = res.tb()
         meta = {"grid": list(res.grid), "min_singular": res.min_singular,
                 "selection": res.selection, "h_threshold": options.h_threshold,
-                "nnz_before_threshold": int(ntot), "basis": options.wannier_basis}
+                "nnz_before_threshold": int(full.tb().nnz), "basis": options.wannier_basis}
         if path is not None:
-            be = band_error(calc, res, path.kpts, basis=options.wannier_basis)
+            ref = gpaw_manifold_bands(calc, path.kpts, basis=options.wannier_basis)
+            be = compare_bands(res, path.kpts, ref)
+            be_full = compare_bands(full, path.kpts, ref)
             meta.update(band_error_max=be["max_error"], band_error_rms=be["rms_error"],
                         band_error_vbm=be.get("vbm_error"), band_error_cbm=be.get("cbm_error"),
+                        band_error_max_untruncated=be_full["max_error"],
+                        band_error_vbm_untruncated=be_full.get("vbm_error"),
+                        band_error_cbm_untruncated=be_full.get("cbm_error"),
                         band_path=options.band_path)
             rec["arrays"]["path_kpts"] = path.kpts
-            rec["arrays"]["wannier_gpaw_bands"] = be["gpaw"]
+            rec["arrays"]["wannier_gpaw_bands"] = ref
         rec["groups"]["wannier"] = (tb, meta)
     if options.gpaw_bands and path is not None:
         from .kohnsham import gpaw_bands_near_gap

@@ -47,6 +47,8 @@ __all__ = [
     "wannier_hk",
     "fourier_ws",
     "band_error",
+    "compare_bands",
+    "gpaw_manifold_bands",
 ]
 
 # Mo/W 4d/5d + chalcogen p: 11 orbitals per MX2 formula unit
@@ -333,15 +335,9 @@ def build_wannier(calc, atoms=None, basis: OrbitalBasis | dict = MOS2_BASIS,
                          min_singular=smin, grid=data.grid, selection=sel_name)
 
 
-def band_error(calc, result: WannierResult, path_kpts: np.ndarray,
-               basis: OrbitalBasis | dict = MOS2_BASIS, selection="weight",
-               txt=None) -> dict:
-    """Compare Wannier bands with GPAW's (non-self-consistent) bands at ``path_kpts``.
-
-    Returns a dict with the GPAW manifold bands (nk, norb), the Wannier bands, the max
-    absolute errors (eV) of every band, of the top valence and bottom conduction band of
-    the manifold, and the RMS error.
-    """
+def gpaw_manifold_bands(calc, path_kpts: np.ndarray, basis: OrbitalBasis | dict = MOS2_BASIS,
+                        selection="weight", txt=None) -> np.ndarray:
+    """GPAW's (non-self-consistent) bands of the projected manifold at ``path_kpts``, eV."""
     if not isinstance(basis, OrbitalBasis):
         basis = OrbitalBasis(basis)
     bands_calc = calc.fixed_density(kpts=np.asarray(path_kpts), symmetry="off", txt=txt)
@@ -357,7 +353,11 @@ def band_error(calc, result: WannierResult, path_kpts: np.ndarray,
         w = np.einsum("na,ab,nb->n", A, np.linalg.inv(S[np.ix_(proj, proj)]), A.conj()).real
         sel = select_bands(e, w, len(proj), selection)
         ref.append(e[sel][: len(proj)])
-    ref = np.array(ref)
+    return np.array(ref)
+
+
+def compare_bands(result: WannierResult, path_kpts: np.ndarray, ref: np.ndarray) -> dict:
+    """Errors (eV) of the Wannier bands against reference bands ``ref`` (np, norb)."""
     tb = result.eigenvalues(path_kpts)
     nocc = int(round(result.nelectrons / 2))
     err = np.abs(tb - ref)
@@ -373,3 +373,16 @@ def band_error(calc, result: WannierResult, path_kpts: np.ndarray,
         out["vbm_error"] = float(err[:, nocc - 1].max())
         out["cbm_error"] = float(err[:, nocc].max())
     return out
+
+
+def band_error(calc, result: WannierResult, path_kpts: np.ndarray,
+               basis: OrbitalBasis | dict = MOS2_BASIS, selection="weight",
+               txt=None) -> dict:
+    """Compare Wannier bands with GPAW's (non-self-consistent) bands at ``path_kpts``.
+
+    Returns a dict with the GPAW manifold bands (nk, norb), the Wannier bands, the max
+    absolute errors (eV) of every band, of the top valence and bottom conduction band of
+    the manifold, and the RMS error.
+    """
+    ref = gpaw_manifold_bands(calc, path_kpts, basis, selection, txt)
+    return compare_bands(result, path_kpts, ref)
