@@ -159,3 +159,23 @@ def test_run_dataset_resumes_and_stores_metadata(tmp_path):
     with h5py.File(path) as f:
         assert f["s2"].attrs["complete"]
     assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
+
+
+def test_cli_rejects_twist_without_commensurate_cell(tmp_path, capsys):
+    from ase_mlks.reference.__main__ import main
+
+    pytest.importorskip("gpaw")
+    rc = main(["twisted", "--index", "2", "2", "--out", str(tmp_path / "x.h5")])
+    assert rc == 2
+    assert "no commensurate twisted cell" in capsys.readouterr().err
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_missing_gpaw_gives_clear_error(monkeypatch):
+    import sys
+
+    from ase_mlks.reference.settings import require_gpaw
+
+    monkeypatch.setitem(sys.modules, "gpaw", None)  # makes 'import gpaw' fail
+    with pytest.raises(ImportError, match="GPAW is not installed"):
+        require_gpaw()
