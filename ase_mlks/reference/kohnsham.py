@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["gpaw_bands_near_gap", "band_path_energies", "wavefunction_moduli",
+__all__ = ["bands_near_gap", "gpaw_bands_near_gap", "band_path_energies", "wavefunction_moduli",
            "z_window", "pseudo_density"]
 
 
@@ -22,12 +22,17 @@ def band_path_energies(calc, path_kpts: np.ndarray, nbands: int | None = None,
     return np.array([bcalc.get_eigenvalues(kpt=k) for k in range(nk)])
 
 
+def bands_near_gap(eps: np.ndarray, nelectrons: float, nbands: int = 8) -> np.ndarray:
+    """The ``nbands`` bands around the gap (half below, half above) of eps (nk, nb)."""
+    nocc = int(round(nelectrons / 2))
+    lo = max(0, nocc - nbands // 2)
+    return eps[:, lo: lo + nbands]
+
+
 def gpaw_bands_near_gap(calc, path_kpts: np.ndarray, nbands: int = 8) -> np.ndarray:
     """The ``nbands`` GPAW bands around the gap (half below, half above) on a path, eV."""
     eps = band_path_energies(calc, path_kpts)
-    nocc = int(round(calc.get_number_of_electrons() / 2))
-    lo = max(0, nocc - nbands // 2)
-    return eps[:, lo: lo + nbands]
+    return bands_near_gap(eps, calc.get_number_of_electrons(), nbands)
 
 
 def z_window(atoms, n3: int, half_width: float) -> slice:

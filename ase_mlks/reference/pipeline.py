@@ -102,6 +102,7 @@ def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
     path = atoms.cell.bandpath(options.band_path, npoints=options.band_npoints) \
         if options.band_path else None
     wcalc = calc
+    path_eigs = None
     if options.wannier_basis or options.ao:
         if options.wannier_kpts is not None and tuple(options.wannier_kpts) != \
                 tuple(settings.kpts):
@@ -119,7 +120,8 @@ def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
                 "selection": res.selection, "h_threshold": options.h_threshold,
                 "nnz_before_threshold": int(full.tb().nnz), "basis": options.wannier_basis}
         if path is not None:
-            ref = gpaw_manifold_bands(calc, path.kpts, basis=options.wannier_basis)
+            ref, path_eigs = gpaw_manifold_bands(calc, path.kpts, basis=options.wannier_basis,
+                                                 return_all=True)
             be = compare_bands(res, path.kpts, ref)
             be_full = compare_bands(full, path.kpts, ref)
             meta.update(band_error_max=be["max_error"], band_error_rms=be["rms_error"],
@@ -132,11 +134,15 @@ def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
             rec["arrays"]["wannier_gpaw_bands"] = ref
         rec["groups"]["wannier"] = (tb, meta)
     if options.gpaw_bands and path is not None:
-        from .kohnsham import gpaw_bands_near_gap
+        from .kohnsham import bands_near_gap, gpaw_bands_near_gap
 
         rec["arrays"]["path_kpts"] = path.kpts
-        rec["arrays"]["gpaw_bands"] = gpaw_bands_near_gap(calc, path.kpts,
-                                                          options.gpaw_nbands)
+        if path_eigs is not None:  # already computed for the Wannier check
+            rec["arrays"]["gpaw_bands"] = bands_near_gap(
+                path_eigs, calc.get_number_of_electrons(), options.gpaw_nbands)
+        else:
+            rec["arrays"]["gpaw_bands"] = gpaw_bands_near_gap(calc, path.kpts,
+                                                              options.gpaw_nbands)
     if options.ao:
         from .lcao import ao_hamiltonian
 

@@ -336,15 +336,18 @@ def build_wannier(calc, atoms=None, basis: OrbitalBasis | dict = MOS2_BASIS,
 
 
 def gpaw_manifold_bands(calc, path_kpts: np.ndarray, basis: OrbitalBasis | dict = MOS2_BASIS,
-                        selection="weight", txt=None) -> np.ndarray:
-    """GPAW's (non-self-consistent) bands of the projected manifold at ``path_kpts``, eV."""
+                        selection="weight", txt=None, return_all: bool = False):
+    """GPAW's (non-self-consistent) bands of the projected manifold at ``path_kpts``, eV.
+
+    return_all: also return all GPAW eigenvalues on the path, (np, nbands).
+    """
     if not isinstance(basis, OrbitalBasis):
         basis = OrbitalBasis(basis)
     bands_calc = calc.fixed_density(kpts=np.asarray(path_kpts), symmetry="off", txt=txt)
     bands_calc.get_potential_energy()
     atoms = calc.get_atoms()
     proj, _, _ = projection_indices(calc.dft.setups, atoms.numbers, basis)
-    ref = []
+    ref, everything = [], []
     for wfs in bands_calc.dft.ibzwfs:
         S = _hermitian(np.asarray(wfs.S_MM.data))
         C = np.asarray(wfs.C_nM.data)
@@ -353,6 +356,9 @@ def gpaw_manifold_bands(calc, path_kpts: np.ndarray, basis: OrbitalBasis | dict 
         w = np.einsum("na,ab,nb->n", A, np.linalg.inv(S[np.ix_(proj, proj)]), A.conj()).real
         sel = select_bands(e, w, len(proj), selection)
         ref.append(e[sel][: len(proj)])
+        everything.append(e)
+    if return_all:
+        return np.array(ref), np.array(everything)
     return np.array(ref)
 
 
