@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from ase import Atoms
-from ase.build import bulk, molecule
+from ase.build import molecule
 from scipy.spatial.transform import Rotation
 
 from ase_mlks.core.errors import CheckpointError, StructureError, UnknownElementError
@@ -73,8 +73,14 @@ def test_energy_is_variational_upper_bound(calc):
 def test_bad_inputs_raise_clear_errors(calc, tmp_path):
     with pytest.raises(UnknownElementError, match="N"):
         DeepHZeroCalc(model=calc.model).get_hamiltonian(molecule("NH3"))
+    boxed = _water()
+    boxed.cell = [6.0, 6.0, 6.0]
+    boxed.pbc = True
     with pytest.raises(StructureError, match="trained on molecules"):
-        DeepHZeroCalc(model=calc.model).get_hamiltonian(bulk("Na", "bcc", a=4.2))
+        DeepHZeroCalc(model=calc.model).get_hamiltonian(boxed)
+    with pytest.raises(StructureError, match="too close"):
+        DeepHZeroCalc(model=calc.model).get_hamiltonian(
+            Atoms("OH2", positions=[[0, 0, 0], [0, 0, 0.2], [0.9, 0, 0]]))
     bad = tmp_path / "broken.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):

@@ -32,7 +32,7 @@ SYSTEMS = {
     "h2o": (distorted_water, {"basis": "def2-svp", "xc": "PBE", "grid_level": 3}, 0.01,
             {"cutoff": 5.0, "avg_neighbors": 2.0}),
     "na": (rattled_bcc_na, {"basis": "gth-szv", "xc": "PBE", "pseudo": "gth-pbe",
-                            "kmesh": (2, 2, 2), "ke_cutoff": 60.0}, 0.01,
+                            "kmesh": (2, 2, 2), "ke_cutoff": 20.0}, 0.01,
            {"cutoff": 7.0, "avg_neighbors": 20.0}),
 }
 
