@@ -138,3 +138,15 @@ def test_clear_errors(calc):
     close.positions[1] = close.positions[0] + [0.5, 0, 0]
     with pytest.raises(StructureError, match="apart"):
         calc.get_potential_energy(close)
+
+
+def test_torch_bloch_eigenvalues_match_tbhamiltonian(calc):
+    """The differentiable band energies of stage 2 equal the core's Bloch sums."""
+    atoms = bilayer_configuration(np.random.default_rng(8), size=(2, 2))
+    ham = calc.get_hamiltonian(atoms)
+    kpts = np.array([[0.0, 0.0, 0.0], [1 / 3, 1 / 3, 0.0], [0.2, -0.1, 0.0]])
+    g = calc.graph(atoms)
+    with torch.no_grad():
+        out = calc.model(g, forces=False, hamiltonian=True)
+        eps = calc.model.bloch_eigenvalues(g, out["onsite"], out["hop"], 0, torch.as_tensor(kpts))
+    assert np.allclose(eps.numpy(), ham.eigenvalues(kpts), atol=1e-8)

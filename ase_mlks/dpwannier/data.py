@@ -4,8 +4,11 @@ Each structure group holds the structure, ``energy`` (eV, GPAW + D3), ``forces``
 optionally ``stress`` (Voigt, eV/Å^3) and a nested ``TBHamiltonian`` group (Wannier H(R),
 Mo 4d + S 3p, eV vs vacuum; see docs/reference.md). A sample packs the model's graph with
 the matching targets: on-site blocks H_ii(0) and hopping blocks H_ij(R) of every hopping
-edge (i, j, R) of the graph (``hop_mask`` is False where the reference has no such
-element, e.g. beyond its Wigner-Seitz range).
+edge (i, j, R) of the graph. The reference stores only |H| >= 1 meV (the paper's threshold),
+so an element or a whole R missing from it is a zero target; its Wannier grid (6x6 k for
+the 2x2 cells) puts the Wigner-Seitz range (~19 Å) far beyond the hopping cutoff, so every
+edge inside the cutoff has a unique reference value. ``hop_mask`` (all True here) lets
+other data sets exclude edges they cannot represent.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ class Sample:
     onsite: torch.Tensor | None = None       # (N, nmax, nmax) eV
     hop: torch.Tensor | None = None          # (H, nmax, nmax) eV
     hop_mask: torch.Tensor | None = None     # (H,) bool
+    nelectrons: float | None = None          # electrons in the reference Wannier manifold
+    eig_ref: list | None = None              # per structure: (nk, nb) DFT bands (eV)
+    eig_kpts: list | None = None             # per structure: (nk, 3) fractional k
+    eig_weights: list | None = None          # per structure: (nk,) k weights
     keys: list[str] = field(default_factory=list)
 
 
@@ -83,10 +90,10 @@ def hamiltonian_targets(ham: TBHamiltonian, graph: DPGraph, norb: Sequence[int],
     hop = np.zeros((len(hi), nmax, nmax))
     mask = np.zeros(len(hi), dtype=bool)
     for e, (i, j, s) in enumerate(zip(hi, hj, shifts)):
-        r = r_lookup.get(tuple(s))
-        if r is None:
-            continue
         mask[e] = True
+        r = r_lookup.get(tuple(s))
+        if r is None:  # every element of this R fell below the storage threshold
+            continue
         hop[e, :sizes[i], :sizes[j]] = dense[r, offsets[i]:offsets[i] + sizes[i],
                                              offsets[j]:offsets[j] + sizes[j]]
     return onsite, hop, mask
@@ -128,6 +135,19 @@ def make_sample(ds: StructureDataset, key: str, model, hamiltonian: bool = True)
     sample = Sample(graph=g, energy=torch.tensor([float(rec["energy"])], dtype=torch.float64),
                     forces=torch.as_tensor(np.asarray(rec["forces"], float)), stress=stress,
                     keys=[key])
+    if hamiltonian and "eigenvalues" in rec and "ibz_kpts" in rec:
+        # DFT bands of the manifold: skip the per-atom core bands, keep the occupied
+        # manifold and the lowest conduction bands (model band b <-> DFT band off + b).
+        sym = atoms.get_chemical_symbols()
+        off = sum(model.core_bands[x] for x in sym)
+        nb = int(round(sum(model.manifold_electrons[x] for x in sym) / 2)) + sum(
+            model.fit_conduction_bands[x] for x in sym)
+        eps = np.asarray(rec["eigenvalues"], float)
+        if eps.shape[1] >= off + nb:
+            w = np.asarray(rec.get("kweights", np.ones(len(eps))), float)
+            sample.eig_ref = [torch.as_tensor(eps[:, off:off + nb])]
+            sample.eig_kpts = [torch.as_tensor(np.asarray(rec["ibz_kpts"], float))]
+            sample.eig_weights = [torch.as_tensor(w / w.sum())]
     if hamiltonian:
         hg = find_hamiltonian_group(ds.group(key))
         if hg is not None:
@@ -136,6 +156,7 @@ def make_sample(ds: StructureDataset, key: str, model, hamiltonian: bool = True)
             sample.onsite = torch.as_tensor(on)
             sample.hop = torch.as_tensor(hop)
             sample.hop_mask = torch.as_tensor(mask)
+            sample.nelectrons = ham.nelectrons
     return sample
 
 
@@ -145,11 +166,17 @@ def collate(samples: Sequence[Sample]) -> Sample:
         vals = [getattr(s, name) for s in samples]
         return None if any(v is None for v in vals) else torch.cat(vals)
 
+    def lst(name):
+        vals = [getattr(s, name) for s in samples]
+        return None if any(v is None for v in vals) else [x for v in vals for x in v]
+
     return Sample(graph=batch_graphs([s.graph for s in samples]),
                   energy=torch.cat([s.energy for s in samples]),
                   forces=torch.cat([s.forces for s in samples]),
                   stress=cat("stress"), onsite=cat("onsite"), hop=cat("hop"),
-                  hop_mask=cat("hop_mask"), keys=[k for s in samples for k in s.keys])
+                  hop_mask=cat("hop_mask"), keys=[k for s in samples for k in s.keys],
+                  eig_ref=lst("eig_ref"), eig_kpts=lst("eig_kpts"),
+                  eig_weights=lst("eig_weights"))
 
 
 def split_keys(path: str | os.PathLike, fraction: float = 0.8, seed: int = 0,

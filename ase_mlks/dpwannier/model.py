@@ -110,6 +110,8 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         min_distance: closest approach accepted (Å), set by the trainer from its data.
         alignment_degree: polynomial degree of the vacuum alignment.
         manifold_electrons: electrons per atom in the Wannier manifold, per element.
+        core_bands: DFT bands per atom below the manifold (maps model to DFT band indices).
+        fit_conduction_bands: conduction bands per atom included in band-energy fits.
     """
 
     pretrained_prefix = "dpwannier-"
@@ -122,7 +124,9 @@ class DPWannierModel(nn.Module, CheckpointMixin):
                  intra_hidden: tuple[int, ...] = (64, 32), inter_hidden: tuple[int, ...] = (32, 16),
                  onsite_hidden: tuple[int, ...] = (64, 32), areal_density: float = 0.3424,
                  min_distance: float = 1.8, alignment_degree: int = 2,
-                 env_norm: float = 100.0, manifold_electrons: dict[str, float] | None = None):
+                 env_norm: float = 100.0, manifold_electrons: dict[str, float] | None = None,
+                 core_bands: dict[str, int] | None = None,
+                 fit_conduction_bands: dict[str, int] | None = None):
         super().__init__()
         orbitals = dict(orbitals or {"Mo": "4d", "S": "3p"})
         self.hparams = dict(
@@ -132,7 +136,13 @@ class DPWannierModel(nn.Module, CheckpointMixin):
             inter_hidden=list(inter_hidden), onsite_hidden=list(onsite_hidden),
             areal_density=areal_density, min_distance=min_distance,
             alignment_degree=alignment_degree, env_norm=env_norm,
-            manifold_electrons=dict(manifold_electrons or {"Mo": 2.0, "S": 6.0}))
+            manifold_electrons=dict(manifold_electrons or {"Mo": 2.0, "S": 6.0}),
+            core_bands=dict(core_bands or {"Mo": 4, "S": 1}),
+            fit_conduction_bands=dict(fit_conduction_bands or {"Mo": 1, "S": 0}))
+        # DFT bands below the Wannier manifold per atom (GPAW setups: Mo 4s4p, S 3s), and
+        # conduction bands per atom whose energies stage 2 fits (Mo: the lowest d band).
+        self.core_bands = self.hparams["core_bands"]
+        self.fit_conduction_bands = self.hparams["fit_conduction_bands"]
         # Electrons each atom brings into the Wannier manifold (Mo4+ d^2, S2- p^6 for MoS2).
         self.manifold_electrons = self.hparams["manifold_electrons"]
         self.species = list(species)
@@ -361,6 +371,45 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         hop = 0.5 * (raw + raw[g.h_rev].transpose(1, 2))
         hop = hop * smooth_switch(r, self.h_cutoff - 1.0, self.h_cutoff)[:, None, None]
         return {"onsite": onsite, "hop": hop}
+
+    # ---- Bloch sums in torch (for band-energy losses) -------------------------------------
+    def bloch_eigenvalues(self, g: DPGraph, onsite: torch.Tensor, hop: torch.Tensor,
+                          b: int, kpts: torch.Tensor) -> torch.Tensor:
+        """Eigenvalues (nk, norb) of H(k) = sum_R e^{2 pi i k.R} H(R) of structure ``b``.
+
+        Differentiable (torch.linalg.eigvalsh), for fitting band energies directly.
+        """
+        atoms = (g.batch == b).nonzero()[:, 0]
+        n0 = int(atoms[0])
+        species = g.species[atoms]
+        norb = torch.as_tensor(self.norb)[species]
+        off = torch.cat([norb.new_zeros(1), torch.cumsum(norb, 0)])
+        total = int(off[-1])
+        om = self.orbital_mask(species)
+        ar = torch.arange(self.nmax)
+        # on-site entries
+        r_on = (off[:-1, None, None] + ar[None, :, None]).expand(-1, -1, self.nmax)
+        c_on = (off[:-1, None, None] + ar[None, None, :]).expand(-1, self.nmax, -1)
+        m_on = om[:, :, None] & om[:, None, :]
+        edges = (g.batch[g.h_i] == b).nonzero()[:, 0]
+        li, lj = g.h_i[edges] - n0, g.h_j[edges] - n0
+        r_h = (off[li][:, None, None] + ar[None, :, None]).expand(-1, -1, self.nmax)
+        c_h = (off[lj][:, None, None] + ar[None, None, :]).expand(-1, self.nmax, -1)
+        m_h = om[li][:, :, None] & om[lj][:, None, :]
+        cdtype = torch.complex128 if onsite.dtype == torch.float64 else torch.complex64
+        h_on = onsite[atoms][m_on].to(cdtype)
+        h_hop = hop[edges]
+        shifts = g.h_shift[edges].to(onsite.dtype)
+        out = []
+        for k in kpts.to(onsite.dtype):
+            phase = torch.exp(2j * math.pi * (shifts @ k)).to(cdtype)
+            vals = (h_hop.to(cdtype) * phase[:, None, None])[m_h]
+            hk = torch.zeros((total, total), dtype=cdtype)
+            hk = hk.index_put((r_on[m_on], c_on[m_on]), h_on, accumulate=True)
+            hk = hk.index_put((r_h[m_h], c_h[m_h]), vals, accumulate=True)
+            hk = 0.5 * (hk + hk.conj().T)
+            out.append(torch.linalg.eigvalsh(hk))
+        return torch.stack(out)
 
     # ---- normalization from data -------------------------------------------------------
     @torch.no_grad()

@@ -29,6 +29,7 @@ from .graph import batch_graphs
 from .model import DPWannierModel
 
 H_THRESHOLD = 1e-3  # eV: elements counted in the H metrics (as the paper)
+DATA_HPARAMS = ("min_distance",)
 
 
 def stable_split(keys: Sequence[str], val_fraction: float = 0.2) -> tuple[list[str], list[str]]:
@@ -89,9 +90,12 @@ def element_masks(model: DPWannierModel, batch: Sample) -> tuple[torch.Tensor, t
     return on, hop
 
 
-def hamiltonian_loss(model, batch: Sample, w_onsite: float = 1.0
-                     ) -> tuple[torch.Tensor, dict[str, float]]:
-    """MSE over all reference H elements inside the cutoff; MAE (meV) over |H| > 1 meV."""
+def hamiltonian_loss(model, batch: Sample, w_onsite: float = 1.0, w_elements: float = 1.0,
+                     w_bands: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Stage-2 loss: MSE over the reference H elements inside the cutoff (``w_elements``)
+    plus MSE of the model's band energies vs the DFT bands at the SCF k-points
+    (``w_bands``; occupied manifold + lowest conduction bands). Metrics: H MAE (meV) over
+    |H| > 1 meV elements, band MAE (meV)."""
     dtype = _dtype(model)
     g = batch.graph.to(dtype)
     out = model(g, forces=False, hamiltonian=True)
@@ -100,12 +104,24 @@ def hamiltonian_loss(model, batch: Sample, w_onsite: float = 1.0
     d_on = (out["onsite"] - batch.onsite.to(dtype))[on_m]
     t_hop = batch.hop.to(dtype)[hop_m]
     d_hop = out["hop"][hop_m] - t_hop
-    loss = w_onsite * (d_on**2).mean() + (d_hop**2).mean()
+    loss = w_elements * (w_onsite * (d_on**2).mean() + (d_hop**2).mean())
     big = t_hop.abs() > H_THRESHOLD
     d_all = torch.cat([d_on, d_hop[big]])
-    return loss, {"h_mae_meV": 1e3 * float(d_all.abs().mean()),
-                  "onsite_mae_meV": 1e3 * float(d_on.abs().mean()),
-                  "hop_mae_meV": 1e3 * float(d_hop[big].abs().mean())}
+    metrics = {"h_mae_meV": 1e3 * float(d_all.detach().abs().mean()),
+               "onsite_mae_meV": 1e3 * float(d_on.detach().abs().mean()),
+               "hop_mae_meV": 1e3 * float(d_hop[big].detach().abs().mean())}
+    if w_bands > 0 and batch.eig_ref is not None:
+        band_loss, band_abs = 0.0, 0.0
+        for b, (ref, kp, w) in enumerate(zip(batch.eig_ref, batch.eig_kpts,
+                                             batch.eig_weights)):
+            eps = inner.bloch_eigenvalues(g, out["onsite"], out["hop"], b, kp)
+            diff = eps[:, :ref.shape[1]] - ref.to(dtype)
+            band_loss = band_loss + (w.to(dtype)[:, None] * diff**2).sum() / ref.shape[1]
+            band_abs += float((w.to(dtype)[:, None] * diff.detach().abs()).sum()) / ref.shape[1]
+        n = len(batch.eig_ref)
+        loss = loss + w_bands * band_loss / n
+        metrics["band_mae_meV"] = 1e3 * band_abs / n
+    return loss, metrics
 
 
 @torch.no_grad()
@@ -196,7 +212,9 @@ class DPWannierTrainer:
         self.data_hash = hash_file(self.data)
         init = self.workdir / "init.pt"
         if init.exists():
-            self.model.load_state_dict(torch.load(init, map_location="cpu"))
+            saved = torch.load(init, map_location="cpu", weights_only=False)
+            self.model.load_state_dict(saved["state_dict"])
+            self._apply_data_hparams(saved["data_hparams"])
         else:
             torch.manual_seed(seed)
             initialize_from_data(self.model, [self.train_set[i]
@@ -204,7 +222,14 @@ class DPWannierTrainer:
             rank, _ = distributed_context()
             if rank == 0:
                 self.workdir.mkdir(parents=True, exist_ok=True)
-                torch.save(self.model.state_dict(), init)
+                torch.save({"state_dict": self.model.state_dict(),
+                            "data_hparams": {k: self.model.hparams[k] for k in DATA_HPARAMS}},
+                           init)
+
+    def _apply_data_hparams(self, values: dict) -> None:
+        """Hyper-parameters measured from the data (closest approach, electron count)."""
+        self.model.hparams.update(values)
+        self.model.min_distance = values["min_distance"]
 
     def _trainer(self, stage: int, epochs: int, lr: float, batch_size: int, **kw) -> Trainer:
         _freeze(self.model, stage)

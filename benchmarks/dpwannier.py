@@ -1,0 +1,408 @@
+"""DPWannierCalc benchmark: accuracy vs GPAW and speed, measured side by side in one run.
+
+    python benchmarks/dpwannier.py [--model mos2-bilayer] [--data data/mos2_bilayer.h5]
+        [--twisted tests/data/<fixture>.h5 ...] [--gpaw 42] [--large 201 1308]
+        [--relax-large] [--out benchmarks/out]
+
+Sections (each skipped when its inputs are missing, and said so in the JSON):
+
+1. held-out bilayers (the checkpoint's own 20% split of the GPAW data): energy MAE
+   (meV/atom), force MAE (meV/Å), H-element MAE (meV, |H| > 1 meV) + parity plots.
+2. unseen twisted bilayers (GPAW fixtures with bands on Γ-M-K-Γ): MAE of the 4 highest
+   valence and 4 lowest conduction bands (meV, absolute energies vs vacuum), gap error;
+   model relaxation of the cell (max out-of-plane displacement, and vs a GPAW-relaxed
+   structure where the fixture holds one).
+3. speed side by side: DPWannierCalc energy+forces and band structure on the 42/114-atom
+   cells, and one real GPAW LCAO energy+forces (pinned reference settings, nice'd) on the
+   cells listed by ``--gpaw``; ratio = GPAW time / model time.
+4. large cells (paper's 201 and 1,308 atoms, near-commensurate 8.95° and 3.42°): seconds
+   per force call, seconds for a 100-k-point band structure of the 20 bands nearest the
+   gap, peak memory (each in its own process), and with ``--relax-large`` the full
+   relaxation (BFGS, fmax 0.01 eV/Å) + band structure of the 1,308-atom cell.
+
+Prints a table, writes ``dpwannier.json`` and PNGs into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+TWIST = {42: (1, 2), 114: (2, 3), 222: (3, 4)}
+# the paper's near-commensurate cells (docs/reference.md): layer-1 and layer-2 vectors
+LARGE = {201: ((5, 1), (6, 0)), 1308: ((14, 1), (15, 0))}
+
+
+def _timed(fn, *args, repeat: int = 1, **kwargs):
+    """(result, best wall seconds of ``repeat`` runs)."""
+    best, out = np.inf, None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def _calc(model: str):
+    from ase_mlks.dpwannier import DPWannierCalc
+
+    return DPWannierCalc(model=model)
+
+
+def _parity(ref, pred, label: str, unit: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.scatter(ref, pred, s=2, alpha=0.4)
+    lo, hi = float(min(ref.min(), pred.min())), float(max(ref.max(), pred.max()))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    mae = float(np.mean(np.abs(ref - pred)))
+    ax.set_xlabel(f"GPAW {label} ({unit})")
+    ax.set_ylabel(f"DPWannier {label} ({unit})")
+    ax.set_title(f"{label}: MAE {mae:.3g} {unit}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- 1. held-out bilayers ------------------------------------------------------------------
+def heldout(calc, data: Path, out: Path) -> dict:
+    import torch
+
+    from ase_mlks.dpwannier.data import DPWannierData
+    from ase_mlks.dpwannier.trainer import H_THRESHOLD, element_masks
+
+    model = calc.model
+    extra = model.checkpoint_meta.get("extra", {}) if hasattr(model, "checkpoint_meta") else {}
+    keys = extra.get("val_keys")
+    if not keys or not data.exists():
+        return {"skipped": "no held-out keys in the checkpoint or no data file"}
+    ds = DPWannierData(data, keys, model)
+    e_ref, e_pred, f_ref, f_pred, h_ref, h_pred, nat = [], [], [], [], [], [], []
+    for n in range(len(ds)):
+        s = ds[n]
+        g = s.graph.to(torch.float64)
+        o = model(g, forces=True, hamiltonian=s.onsite is not None)
+        nat.append(len(s.forces))
+        e_ref.append(float(s.energy[0]))
+        e_pred.append(float(o["energy"][0].detach()))
+        f_ref.append(s.forces.numpy().ravel())
+        f_pred.append(o["forces"].detach().numpy().ravel())
+        if s.onsite is not None:
+            on_m, hop_m = element_masks(model, s)
+            h_ref += [s.onsite[on_m].numpy(), s.hop[hop_m].numpy()]
+            h_pred += [o["onsite"].detach()[on_m].numpy(), o["hop"].detach()[hop_m].numpy()]
+    nat = np.array(nat, float)
+    e_ref, e_pred = np.array(e_ref) / nat, np.array(e_pred) / nat
+    f_ref, f_pred = np.concatenate(f_ref), np.concatenate(f_pred)
+    res = {"n_structures": len(ds), "n_train": extra.get("n_train"),
+           "energy_mae_meV_atom": 1e3 * float(np.mean(np.abs(e_ref - e_pred))),
+           "force_mae_meV_A": 1e3 * float(np.mean(np.abs(f_ref - f_pred))),
+           "force_rms_ref_meV_A": 1e3 * float(np.sqrt(np.mean(f_ref**2)))}
+    _parity(f_ref, f_pred, "force components", "eV/Å", out / "dpwannier_parity_forces.png")
+    _parity(e_ref, e_pred, "energy per atom", "eV", out / "dpwannier_parity_energy.png")
+    if h_ref:
+        hr, hp = np.concatenate(h_ref), np.concatenate(h_pred)
+        big = np.abs(hr) > H_THRESHOLD
+        res["h_mae_meV"] = 1e3 * float(np.mean(np.abs(hr[big] - hp[big])))
+        res["h_elements"] = int(big.sum())
+        _parity(hr[big], hp[big], "H elements", "eV", out / "dpwannier_parity_h.png")
+    return res
+
+
+# -- 2. unseen twisted bilayers -----------------------------------------------------------------
+def _fixture_records(paths: list[Path]) -> list[dict]:
+    from ase_mlks.core.dataset import StructureDataset
+
+    recs = []
+    for p in paths:
+        if not p.exists():
+            continue
+        with StructureDataset(p, "r") as ds:
+            for k in ds.keys():
+                if k.startswith("twisted_MoS2"):
+                    r = ds.read(k)
+                    r["key"], r["file"] = k, str(p)
+                    recs.append(r)
+    return recs
+
+
+def _edge_bands(eps: np.ndarray, nocc: int, nv: int = 4, nc: int = 4) -> np.ndarray:
+    return eps[:, nocc - nv:nocc + nc]
+
+
+def twisted(calc, paths: list[Path], out: Path) -> list[dict]:
+    from ase.optimize import BFGS
+
+    results = []
+    for rec in _fixture_records(paths):
+        atoms = rec["atoms"]
+        row = {"key": rec["key"], "natoms": len(atoms), "file": rec["file"]}
+        ref = rec.get("gpaw_bands")
+        kpts = rec.get("path_kpts")
+        calc.reset()
+        atoms.calc = calc
+        ham = calc.get_hamiltonian(atoms)
+        nocc = int(round(ham.nelectrons / 2))
+        if ref is not None and kpts is not None:
+            eps = ham.eigenvalues(kpts)
+            nv = ref.shape[1] // 2
+            mine = _edge_bands(eps, nocc, nv, ref.shape[1] - nv)
+            gap_ref = float(ref[:, nv:].min() - ref[:, :nv].max())
+            gap = float(mine[:, nv:].min() - mine[:, :nv].max())
+            row.update(band_mae_meV=1e3 * float(np.mean(np.abs(mine - ref))),
+                       band_mae_aligned_vbm_meV=1e3 * float(np.mean(np.abs(
+                           (mine - mine[:, :nv].max()) - (ref - ref[:, :nv].max())))),
+                       gap_gpaw_eV=gap_ref, gap_model_eV=gap, gap_error_meV=1e3 * (gap - gap_ref),
+                       vbm_error_meV=1e3 * float(mine[:, :nv].max() - ref[:, :nv].max()),
+                       bands_compared=f"{nv} valence + {ref.shape[1] - nv} conduction, "
+                                      f"{len(kpts)} k on Γ-M-K-Γ")
+            _plot_bands(kpts, ref, mine, atoms, out / f"dpwannier_bands_{rec['key']}.png")
+        if "forces" in rec:
+            f = calc.get_forces(atoms)
+            row["force_mae_meV_A_unrelaxed"] = 1e3 * float(np.mean(np.abs(f - rec["forces"])))
+        relaxed = atoms.copy()
+        relaxed.calc = calc
+        z0 = atoms.positions[:, 2].copy()
+        t0 = time.perf_counter()
+        opt = BFGS(relaxed, logfile=None)
+        opt.run(fmax=0.01, steps=500)
+        row.update(relax_steps=opt.nsteps, relax_s=time.perf_counter() - t0,
+                   relax_max_dz_A=float(np.abs(relaxed.positions[:, 2] - z0).max()))
+        if "relaxed_positions" in rec:
+            dz = relaxed.positions[:, 2] - rec["relaxed_positions"][:, 2]
+            dz -= dz.mean()
+            row["relaxed_vs_gpaw_max_dz_A"] = float(np.abs(dz).max())
+        else:
+            row["relaxed_vs_gpaw"] = "no GPAW-relaxed structure in the fixture"
+        results.append(row)
+    return results
+
+
+def _plot_bands(kpts, ref, mine, atoms, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.concatenate([[0], np.cumsum(np.linalg.norm(np.diff(kpts @ atoms.cell.reciprocal(),
+                                                              axis=0), axis=1))])
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(x, ref, "k-", lw=1)
+    ax.plot(x, mine, "r--", lw=1)
+    ax.plot([], [], "k-", label="GPAW LCAO")
+    ax.plot([], [], "r--", label="DPWannier")
+    ax.set_ylabel("energy vs vacuum (eV)")
+    ax.set_xticks([])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- 3. speed side by side ------------------------------------------------------------------
+def _gpaw_settings(atoms):
+    from ase_mlks.reference.settings import DEFAULT
+
+    # the twisted-fixture command's default: Γ-only SCF for twisted cells (see reference CLI)
+    return DEFAULT.with_kpts((1, 1))
+
+
+def speed(calc, gpaw_cells: list[int]) -> list[dict]:
+    from ase_mlks.structures import twisted_bilayer
+
+    rows = []
+    for nat, (m, n) in TWIST.items():
+        if nat not in (42, 114):
+            continue
+        atoms = twisted_bilayer("MoS2", m=m, n=n)
+        atoms.calc = calc
+
+        def ef(a=atoms):
+            calc.reset()
+            calc._graph = None
+            return a.get_forces()
+
+        _, t_ef = _timed(ef, repeat=3)
+        path = atoms.cell.bandpath("GMKG", npoints=100, pbc=atoms.pbc)
+        ham = calc.get_hamiltonian(atoms)
+
+        def bands(h=ham, k=path.kpts):
+            return h.eigenvalues(k)
+
+        _, t_bs = _timed(bands)
+        row = {"natoms": nat, "norb": ham.norb, "model_energy_forces_s": t_ef,
+               "model_band_structure_100k_s": t_bs}
+        if nat in gpaw_cells:
+            try:
+                from ase_mlks.reference.groundstate import run_groundstate
+
+                t0, c0 = time.perf_counter(), time.process_time()
+                gs = run_groundstate(atoms.copy(), _gpaw_settings(atoms))
+                row.update(gpaw_energy_forces_wall_s=time.perf_counter() - t0,
+                           gpaw_energy_forces_cpu_s=time.process_time() - c0,
+                           gpaw_settings=_gpaw_settings(atoms).todict(),
+                           speedup_energy_forces=(time.perf_counter() - t0) / t_ef,
+                           model_vs_gpaw_force_mae_meV_A=1e3 * float(np.mean(np.abs(
+                               atoms.get_forces() - gs.forces))),
+                           model_vs_gpaw_energy_meV_atom=1e3 * float(
+                               (atoms.get_potential_energy() - gs.energy) / nat))
+            except ImportError as err:
+                row["gpaw"] = f"not run: {err}"
+        rows.append(row)
+    return rows
+
+
+# -- 4. large cells ----------------------------------------------------------------------------
+def _large_atoms(nat: int):
+    from ase_mlks.structures import twisted_bilayer_from_vectors
+
+    atoms = twisted_bilayer_from_vectors("MoS2", *LARGE[nat])
+    info = atoms.info["twist"]
+    if sum(info.natoms_layers) != nat:
+        raise RuntimeError(f"expected {nat} atoms, got {info.natoms_layers}")
+    return atoms, info
+
+
+def large_worker(model: str, nat: int, relax: bool) -> dict:
+    """Runs in its own process so that the peak memory belongs to this cell alone."""
+    atoms, info = _large_atoms(nat)
+    calc = _calc(model)
+    atoms.calc = calc
+    row = {"natoms": nat, "angle_deg": info.angle, "strain_layer2": info.strain,
+           "atoms_per_layer": list(info.natoms_layers)}
+    t0 = time.perf_counter()
+    total0 = t0
+    if relax:
+        from ase.optimize import BFGS
+
+        opt = BFGS(atoms, logfile=None)
+        opt.run(fmax=0.01, steps=1000)
+        row.update(relax_steps=opt.nsteps, relax_s=time.perf_counter() - t0,
+                   relax_fmax=float(np.linalg.norm(atoms.get_forces(), axis=1).max()))
+
+    def ef():
+        calc.reset()
+        calc._graph = None
+        return atoms.get_forces()
+
+    _, row["force_call_s"] = _timed(ef, repeat=2)
+    path = atoms.cell.bandpath("GMKG", npoints=100, pbc=atoms.pbc)
+    t0 = time.perf_counter()
+    ham = calc.get_hamiltonian(atoms)
+    row["build_H_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ef_level = calc.get_fermi_level()
+    row["fermi_level_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    bs = calc.band_structure(path=path, nbands=20, sigma=ef_level)
+    row["band_structure_100k_20bands_s"] = time.perf_counter() - t0
+    row["norb"] = ham.norb
+    row["nnz"] = ham.nnz
+    e = bs.energies[0]
+    row["gap_eV"] = float(e[e > ef_level].min() - e[e < ef_level].max())
+    if relax:
+        row["relax_plus_bands_total_s"] = time.perf_counter() - total0
+    row["peak_rss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["torch_threads"] = __import__("torch").get_num_threads()
+    return row
+
+
+def large(model: str, sizes: list[int], relax: bool) -> list[dict]:
+    rows = []
+    for nat in sizes:
+        cmd = [sys.executable, __file__, "--worker", str(nat), "--model", model]
+        if relax and nat == 1308:
+            cmd.append("--relax-large")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            rows.append({"natoms": nat, "error": proc.stderr[-2000:]})
+        else:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def _table(res: dict) -> str:
+    lines = []
+    h = res.get("heldout", {})
+    if "force_mae_meV_A" in h:
+        lines.append(f"held-out bilayers ({h['n_structures']}; trained on {h['n_train']}): "
+                     f"E {h['energy_mae_meV_atom']:.2f} meV/atom | F {h['force_mae_meV_A']:.1f}"
+                     f" meV/Å | H {h.get('h_mae_meV', float('nan')):.2f} meV")
+    for r in res.get("twisted", []):
+        lines.append(f"{r['key']} ({r['natoms']} at.): bands MAE "
+                     f"{r.get('band_mae_meV', float('nan')):.0f} meV, gap error "
+                     f"{r.get('gap_error_meV', float('nan')):.0f} meV, relax max dz "
+                     f"{r['relax_max_dz_A']:.3f} Å")
+    lines.append(f"{'natoms':>7} {'model E+F s':>12} {'model bands s':>14} {'GPAW E+F s':>11}"
+                 f" {'ratio':>8}")
+    for r in res.get("speed", []):
+        g = r.get("gpaw_energy_forces_wall_s")
+        ratio = f"{r['speedup_energy_forces']:.0f}x" if g else "-"
+        lines.append(f"{r['natoms']:>7} {r['model_energy_forces_s']:>12.3f} "
+                     f"{r['model_band_structure_100k_s']:>14.2f} "
+                     f"{(f'{g:.1f}' if g else '-'):>11} "
+                     f"{ratio:>8}")
+    for r in res.get("large", []):
+        if "error" in r:
+            lines.append(f"{r['natoms']} atoms: error")
+            continue
+        lines.append(f"{r['natoms']:>5} atoms: force call {r['force_call_s']:.2f} s, 100-k bands "
+                     f"(20 near gap) {r['band_structure_100k_20bands_s']:.1f} s, peak "
+                     f"{r['peak_rss_MB']:.0f} MB"
+                     + (f", relax+bands {r['relax_plus_bands_total_s']:.0f} s"
+                        if "relax_plus_bands_total_s" in r else ""))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="mos2-bilayer")
+    p.add_argument("--data", default="data/mos2_bilayer.h5")
+    p.add_argument("--twisted", nargs="*", default=None,
+                   help="HDF5 fixtures with twisted bilayers (default: tests/data/*.h5)")
+    p.add_argument("--gpaw", type=int, nargs="*", default=[42],
+                   help="cells (42, 114) on which GPAW runs side by side")
+    p.add_argument("--large", type=int, nargs="*", default=[201, 1308])
+    p.add_argument("--relax-large", action="store_true")
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=["heldout", "twisted", "speed", "large"])
+    p.add_argument("--out", default="benchmarks/out")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker is not None:
+        print(json.dumps(large_worker(args.model, args.worker, args.relax_large)))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    calc = _calc(args.model)
+    res: dict = {"model": args.model, "threads": os.environ.get("OMP_NUM_THREADS"),
+                 "checkpoint": {k: v for k, v in getattr(calc.model, "checkpoint_meta", {})
+                                .items() if k in ("created", "data_hash", "hparams")}}
+    if "heldout" not in args.skip:
+        res["heldout"] = heldout(calc, Path(args.data), out)
+    if "twisted" not in args.skip:
+        paths = [Path(x) for x in (args.twisted if args.twisted is not None
+                                   else sorted(Path("tests/data").glob("*.h5")))]
+        res["twisted"] = twisted(calc, paths, out)
+    if "speed" not in args.skip:
+        res["speed"] = speed(calc, args.gpaw)
+    if "large" not in args.skip:
+        res["large"] = large(args.model, args.large, args.relax_large)
+    (out / "dpwannier.json").write_text(json.dumps(res, indent=1, default=str))
+    print(_table(res))
+
+
+if __name__ == "__main__":
+    main()
