@@ -179,3 +179,32 @@ def test_missing_gpaw_gives_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "gpaw", None)  # makes 'import gpaw' fail
     with pytest.raises(ImportError, match="GPAW is not installed"):
         require_gpaw()
+
+
+def test_disentanglement_keeps_frozen_bands_exactly():
+    """Entangled bands: 3 orbitals inside a 6-band space; the frozen window's bands survive."""
+    rng = np.random.default_rng(5)
+    nM, norb, nk = 6, 3, 3
+    kpts, eigs, Cs, Ss = [], [], [], []
+    for q in range(nk):
+        Y = rng.normal(size=(nM, nM)) + 1j * rng.normal(size=(nM, nM))
+        e, v = np.linalg.eigh(Y + Y.conj().T)
+        kpts.append([q / nk, 0, 0])
+        eigs.append(e)
+        Cs.append(v.T)
+        Ss.append(np.eye(nM, dtype=complex))
+    data = BlochData(np.array(kpts), np.array(eigs), np.array(Cs), np.array(Ss), (nk, 1, 1))
+    eigs = np.array(eigs)
+    lo = eigs[:, 0].min() - 1.0
+    hi = eigs[:, 1].max() + 1e-9  # two lowest bands frozen at every k
+    if (eigs[:, 2] <= hi).any():
+        pytest.skip("random model has a third band inside the window")
+    sel = {"frozen": (lo, hi), "outer": (lo, eigs.max() + 1.0)}
+    Hk, _, smin = wannier_hk(data, np.arange(norb), selection=sel)
+    for q in range(nk):
+        w = np.linalg.eigvalsh(Hk[q])
+        for e in eigs[q, :2]:
+            assert np.abs(w - e).min() < 1e-10
+    assert smin > 0
+    with pytest.raises(ValueError, match="frozen window"):
+        wannier_hk(data, np.arange(1), selection=sel)

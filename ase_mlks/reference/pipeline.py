@@ -49,6 +49,9 @@ class RecordOptions:
 
     wannier_basis: dict = field(default_factory=lambda: {"Mo": "4d", "S": "3p"})
     wannier_kpts: tuple[int, int] | None = (6, 6)
+    # 'weight' (isolated manifold) or {'frozen': (lo, hi), 'outer': (lo, hi)} in eV
+    # relative to the Fermi level (disentanglement for entangled bands)
+    wannier_selection: object = "weight"
     h_threshold: float = 1e-4
     band_path: str = "GMKG"
     band_npoints: int = 31
@@ -113,17 +116,25 @@ def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
     if options.wannier_basis:
         from .wannier import build_wannier, compare_bands, gpaw_manifold_bands
 
-        full = build_wannier(wcalc, atoms, basis=options.wannier_basis, width=settings.width)
+        selection, window = options.wannier_selection, None
+        if isinstance(selection, dict):
+            ef = gs.fermi_level
+            selection = {k: (ef + v[0], ef + v[1]) for k, v in selection.items()}
+            window = selection["frozen"]
+        full = build_wannier(wcalc, atoms, basis=options.wannier_basis, width=settings.width,
+                             selection=selection)
         res = _truncate(full, options.h_threshold) if options.h_threshold > 0 else full
         tb = res.tb()
         meta = {"grid": list(res.grid), "min_singular": res.min_singular,
                 "selection": res.selection, "h_threshold": options.h_threshold,
-                "nnz_before_threshold": int(full.tb().nnz), "basis": options.wannier_basis}
+                "nnz_before_threshold": int(full.tb().nnz), "basis": options.wannier_basis,
+                "selection_relative_to_fermi": options.wannier_selection}
         if path is not None:
             ref, path_eigs = gpaw_manifold_bands(calc, path.kpts, basis=options.wannier_basis,
                                                  return_all=True)
-            be = compare_bands(res, path.kpts, ref)
-            be_full = compare_bands(full, path.kpts, ref)
+            nval = calc.get_number_of_electrons()
+            be = compare_bands(res, path.kpts, ref, path_eigs, nval, window)
+            be_full = compare_bands(full, path.kpts, ref, path_eigs, nval, window)
             meta.update(band_error_max=be["max_error"], band_error_rms=be["rms_error"],
                         band_error_vbm=be.get("vbm_error"), band_error_cbm=be.get("cbm_error"),
                         band_error_max_untruncated=be_full["max_error"],
