@@ -38,6 +38,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpaw-bands", action="store_true",
                    help="store GPAW bands on the G-M-K-G path near the gap")
     p.add_argument("--ao", action="store_true", help="also store AO H(R), S(R)")
+    p.add_argument("--frozen", type=float, nargs=2, default=None,
+                   help="frozen window (eV vs E_F) for disentangled Wannier H(R)")
+    p.add_argument("--outer", type=float, nargs=2, default=None,
+                   help="outer window (eV vs E_F); with --frozen")
+    p.add_argument("--weight-selection", action="store_true",
+                   help="select the Wannier manifold by projection weight (isolated bands)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--txtdir", default=None, help="directory for GPAW text logs")
     p.add_argument("--mpi", type=int, default=0, help="re-run under 'gpaw -P N'")
@@ -59,10 +65,21 @@ def _settings(args, default_kpts):
     return s
 
 
-def _options(args, basis, wannier_kpts):
+# bilayers and twisted cells: the Mo-d/S-p manifold is entangled with Mo 5s/5p bands, so
+# it is disentangled; S 3s bands lie ~13.5 eV below E_F, outside the windows
+BILAYER_WINDOWS = {"frozen": (-10.0, 2.0), "outer": (-10.0, 12.0)}
+
+
+def _options(args, basis, wannier_kpts, selection="weight"):
     from .pipeline import RecordOptions
 
+    if args.weight_selection:
+        selection = "weight"
+    elif args.frozen is not None:
+        selection = {"frozen": tuple(args.frozen),
+                     "outer": tuple(args.outer or (args.frozen[0], args.frozen[1] + 10.0))}
     return RecordOptions(
+        wannier_selection=selection,
         wannier_basis={} if args.no_wannier else basis,
         wannier_kpts=tuple(args.wannier_kpts) if args.wannier_kpts else wannier_kpts,
         h_threshold=args.h_threshold, gpaw_bands=args.gpaw_bands, ao=args.ao)
@@ -152,7 +169,7 @@ def _run(args, command: str) -> int:
         n = max(args.supercell)
         settings = _settings(args, (max(1, 6 // n), max(1, 6 // n)))
         basis = _basis_for(items[0][1])
-        options = _options(args, basis, (12 // n, 12 // n))
+        options = _options(args, basis, (12 // n, 12 // n), BILAYER_WINDOWS)
     elif args.cmd == "monolayer":
         from ..structures import monolayer
 
@@ -167,7 +184,7 @@ def _run(args, command: str) -> int:
         atoms = twisted_bilayer(args.material, m, n)
         items = [(f"twisted_{args.material}_{m}_{n}", atoms)]
         settings = _settings(args, (1, 1))
-        options = _options(args, _basis_for(atoms), None)
+        options = _options(args, _basis_for(atoms), None, BILAYER_WINDOWS)
     else:  # pragma: no cover
         raise SystemExit(f"unknown command {args.cmd}")
     new = pipeline.run_dataset(args.out, items, settings, options, workers=args.workers,

@@ -113,6 +113,7 @@ def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
                 kpts={"size": (*options.wannier_kpts, 1), "gamma": True},
                 symmetry={"point_group": False, "time_reversal": True}, txt=None)
             wcalc.get_potential_energy()
+    full = None
     if options.wannier_basis:
         from .wannier import build_wannier, compare_bands, gpaw_manifold_bands
 
@@ -121,8 +122,14 @@ def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
             ef = gs.fermi_level
             selection = {k: (ef + v[0], ef + v[1]) for k, v in selection.items()}
             window = selection["frozen"]
-        full = build_wannier(wcalc, atoms, basis=options.wannier_basis, width=settings.width,
-                             selection=selection)
+        try:
+            full = build_wannier(wcalc, atoms, basis=options.wannier_basis,
+                                 width=settings.width, selection=selection)
+        except ValueError as err:  # windows that do not fit this structure: keep E, F
+            log.warning("Wannier construction failed: %s", err)
+            rec["meta"]["wannier_error"] = str(err)
+            full = None
+    if options.wannier_basis and full is not None:
         res = _truncate(full, options.h_threshold) if options.h_threshold > 0 else full
         tb = res.tb()
         meta = {"grid": list(res.grid), "min_singular": res.min_singular,
