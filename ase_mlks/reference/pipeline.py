@@ -107,12 +107,13 @@ def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
     wcalc = calc
     path_eigs = None
     if options.wannier_basis or options.ao:
-        if options.wannier_kpts is not None and tuple(options.wannier_kpts) != \
-                tuple(settings.kpts):
-            wcalc = calc.fixed_density(
-                kpts={"size": (*options.wannier_kpts, 1), "gamma": True},
-                symmetry={"point_group": False, "time_reversal": True}, txt=None)
-            wcalc.get_potential_energy()
+        # non-SCF run with all nao bands: the SCF keeps too few empty bands to hold the
+        # whole d/p manifold of a bilayer (its upper d bands lie above them)
+        wgrid = tuple(options.wannier_kpts or settings.kpts)
+        wcalc = calc.fixed_density(
+            kpts={"size": (*wgrid, 1), "gamma": True}, nbands="nao",
+            symmetry={"point_group": False, "time_reversal": True}, txt=None)
+        wcalc.get_potential_energy()
     full = None
     if options.wannier_basis:
         from .wannier import build_wannier, compare_bands, gpaw_manifold_bands

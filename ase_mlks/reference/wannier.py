@@ -386,7 +386,8 @@ def gpaw_manifold_bands(calc, path_kpts: np.ndarray, basis: OrbitalBasis | dict 
     """
     if not isinstance(basis, OrbitalBasis):
         basis = OrbitalBasis(basis)
-    bands_calc = calc.fixed_density(kpts=np.asarray(path_kpts), symmetry="off", txt=txt)
+    bands_calc = calc.fixed_density(kpts=np.asarray(path_kpts), symmetry="off", txt=txt,
+                                    nbands="nao")
     bands_calc.get_potential_energy()
     atoms = calc.get_atoms()
     proj, _, _ = projection_indices(calc.dft.setups, atoms.numbers, basis)
