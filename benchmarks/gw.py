@@ -132,13 +132,17 @@ def gw_benchmark(model: GWModel, gw_path: str, outdir: Path, npoints: int = 80) 
     calc = gw_ground_state(rec, "MoS2")
     gwc = GWCorrection(model)
     n1, n2 = (int(b) for b in rec["bands"])
-    t0 = time.perf_counter()
+    # CPU (process) time on both sides: the machine is shared, wall time is not comparable
+    t0, c0 = time.perf_counter(), time.process_time()
     bs = gwc.band_structure(calc, "GMKG", npoints=npoints, bands=(n1, n2))
-    seconds = time.perf_counter() - t0
-    gw_seconds = rec["cpu_time_gw"] + rec["cpu_time_gs"]
-    res["cost"] = {"band_structure_s": seconds, **gwc.timings,
-                   "g0w0_cpu_s (ground state + G0W0)": gw_seconds,
-                   "ratio_g0w0_over_ml": gw_seconds / seconds}
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    res["cost"] = {"npoints": npoints, "ml_band_structure_cpu_s": cpu,
+                   "ml_band_structure_wall_s": wall, "timings_wall_s": dict(gwc.timings),
+                   "g0w0_cpu_s": rec["cpu_time_gw"],
+                   "g0w0_ground_state_fulldiag_cpu_s": rec["cpu_time_gs"],
+                   "ratio_g0w0_over_ml_cpu": rec["cpu_time_gw"] / cpu,
+                   "ratio_g0w0_plus_fulldiag_over_ml_cpu":
+                       (rec["cpu_time_gw"] + rec["cpu_time_gs"]) / cpu}
     # G0W0 points where a path k-point is one of the record's k-points (same DFT energies)
     eps_path = gwc.last_dft_energies[0]
     pts = []
@@ -202,22 +206,27 @@ def main() -> None:
     p.add_argument("--ks", nargs="+", default=["data/raw/gw_ks_dev.h5"])
     p.add_argument("--gw", default="data/gw_monolayers.h5")
     p.add_argument("--out", default="benchmarks/out/gw.json")
+    p.add_argument("--npoints", type=int, default=60)
+    p.add_argument("--skip-vae", action="store_true")
     a = p.parse_args()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     model = GWModel.load(a.model)
-    res = {"model": str(a.model), "vae": vae_benchmark(model, a.ks, out.parent)}
+    res = {"model": str(a.model)}
+    if not a.skip_vae:
+        res["vae"] = vae_benchmark(model, a.ks, out.parent)
+        print_table(res["vae"])
     if not bool(model.head_trained):
         res["gw"] = ("not evaluated: the model's GW head is untrained (no G0W0 data was "
                      "available to train it)")
     elif not Path(a.gw).exists():
         res["gw"] = f"not evaluated: {a.gw} does not exist"
     else:
-        res["gw"] = gw_benchmark(model, a.gw, out.parent)
+        res["gw"] = gw_benchmark(model, a.gw, out.parent, a.npoints)
         print(json.dumps(res["gw"], indent=1, default=str))
-    print_table(res["vae"])
-    print(f"GW head: {res['gw'] if isinstance(res.get('gw'), str) else 'see JSON'}")
+    if isinstance(res.get("gw"), str):
+        print(f"GW head: {res['gw']}")
     res["seconds"] = time.time() - t0
     out.write_text(json.dumps(res, indent=1))
     print(f"wrote {out}")

@@ -5,9 +5,10 @@ states and the density with the crystal VAEs and predicts Sigma_nk = eps_GW - ep
 the GW head (Eq. 3 of Hou, Wu & Qiu 2024). ``GWCalc`` wraps a DFT calculator so that its
 ``get_eigenvalues`` are the corrected energies and ASE's band-structure tools work unchanged.
 
-Material context (super states, density) always comes from a full, symmetry-free 6x6
-Gamma-centred k-grid as in training; if the given calculator is not on such a grid, a
-non-self-consistent GPAW run on it is made (its density is kept).
+Material context (super states, density) always comes from the Gamma-centred 6x6 k-grid of
+the training data (IBZ k-points with their weights); if the given calculator is not on
+that grid or lacks empty bands up to E_F + 9 eV, a non-self-consistent GPAW run on it is
+made (its density is kept).
 """
 
 from __future__ import annotations
@@ -32,6 +33,29 @@ CONTEXT_KMESH = 6  # the uniform k-grid of the training data (paper: 6x6x1)
 EMPTY_BANDS = 20  # empty bands of the context run; reaches E_F + 9 eV in TMDs
 
 
+@torch.no_grad()
+def encode_context(model: GWModel, super_moduli: np.ndarray, super_energies: np.ndarray,
+                   density: np.ndarray) -> torch.Tensor:
+    """Material context of Eq. (3) from raw super states (nsup, nz, n1, n2), their energies
+    (eV from E_F) and the density (nz, n1, n2)."""
+    sup_x, _ = scale_fields(super_moduli)
+    rho_x, _ = scale_fields(density[None])
+    return model.context(torch.from_numpy(sup_x),
+                         torch.as_tensor(super_energies, dtype=torch.float32),
+                         torch.from_numpy(rho_x[0]))
+
+
+@torch.no_grad()
+def encode_states(model: GWModel, moduli: np.ndarray, energies: np.ndarray,
+                  context: torch.Tensor) -> torch.Tensor:
+    """Raw head features (N, F) of states with raw moduli (..., nz, n1, n2) and energies
+    (...) in eV from E_F (same leading shape), for a material with ``context``."""
+    x, _ = scale_fields(moduli.reshape(-1, *moduli.shape[-3:]))
+    mu = torch.cat([model.state_vae.embed(torch.from_numpy(c))
+                    for c in np.array_split(x, max(1, len(x) // 128))])
+    return model.features(mu, torch.as_tensor(np.ravel(energies), dtype=torch.float32), context)
+
+
 class HeadNotTrainedError(AseMlksError):
     """The model's GW head has not been fitted to G0W0 data, so it cannot predict."""
 
@@ -40,15 +64,25 @@ def _nocc(calc) -> int:
     return int(round(calc.get_number_of_electrons() / 2))
 
 
-def _is_full_grid(calc, mesh: int) -> bool:
-    k = np.asarray(calc.get_ibz_k_points())
-    if len(k) != mesh * mesh:
-        return False
+def _on_context_grid(calc, mesh: int) -> bool:
+    """Is ``calc`` on the Gamma-centred mesh x mesh x 1 grid (full or symmetry-reduced)?"""
     try:
-        size, offset = get_monkhorst_pack_size_and_offset(k)
+        size, offset = get_monkhorst_pack_size_and_offset(np.asarray(calc.get_bz_k_points()))
     except ValueError:
         return False
-    return tuple(size[:2]) == (mesh, mesh) and np.allclose(offset, 0)
+    return tuple(size) == (mesh, mesh, 1) and np.allclose(offset, 0)
+
+
+def context_calculator(calc):
+    """``calc`` itself if it is on the Gamma-centred 6x6 grid (as GPAW reduces it by
+    symmetry; k-point weights are used) with bands up to E_F + 9 eV, else a
+    non-self-consistent GPAW run on that grid from its density."""
+    nb_needed = _nocc(calc) + EMPTY_BANDS
+    if _on_context_grid(calc, CONTEXT_KMESH) and calc.get_number_of_bands() >= nb_needed:
+        return calc
+    kpts = {"size": (CONTEXT_KMESH, CONTEXT_KMESH, 1), "gamma": True}
+    return calc.fixed_density(kpts=kpts, nbands=nb_needed + 4,
+                              convergence={"bands": nb_needed}, txt=None)
 
 
 class GWCorrection:
@@ -72,12 +106,7 @@ class GWCorrection:
     # -- inputs ---------------------------------------------------------------------------
     def context_calculator(self, calc):
         """A calculator with all states on the full 6x6 grid up to E_F + 9 eV."""
-        nb_needed = _nocc(calc) + EMPTY_BANDS
-        if _is_full_grid(calc, CONTEXT_KMESH) and calc.get_number_of_bands() >= nb_needed:
-            return calc
-        kpts = {"size": (CONTEXT_KMESH, CONTEXT_KMESH, 1), "gamma": True}
-        return calc.fixed_density(kpts=kpts, symmetry="off", nbands=nb_needed + 4,
-                                  convergence={"bands": nb_needed}, txt=None)
+        return context_calculator(calc)
 
     def material_context(self, calc) -> torch.Tensor:
         """Encoded super states + density of ``calc``'s material (cached per calculator)."""
@@ -87,12 +116,7 @@ class GWCorrection:
             ctx_calc = self.context_calculator(calc)
             t1 = time.perf_counter()
             sup, energies, _ = super_states(ctx_calc, self.spec, self.edges)
-            rho = density_grid(ctx_calc, self.spec)
-            sup_x, _ = scale_fields(sup)
-            rho_x, _ = scale_fields(rho[None])
-            ctx = self.model.context(torch.from_numpy(sup_x),
-                                     torch.as_tensor(energies, dtype=torch.float32),
-                                     torch.from_numpy(rho_x[0]))
+            ctx = encode_context(self.model, sup, energies, density_grid(ctx_calc, self.spec))
             self.timings.update(context_dft_s=t1 - t0, context_encode_s=time.perf_counter() - t1)
             self._contexts[key] = (calc, ctx)  # keep calc alive so its id stays unique
         return self._contexts[key][1]
@@ -116,16 +140,10 @@ class GWCorrection:
         ctx = self.material_context(context_calc if context_calc is not None else calc)
         n1, n2 = self._band_range(calc, bands)
         mod = state_moduli(calc, range(n1, n2), self.spec)  # (ns, nk, nb, nz, n1, n2)
-        ef = calc.get_fermi_level()
         ns, nk = mod.shape[:2]
         eps = np.array([[calc.get_eigenvalues(kpt=k, spin=s)[n1:n2] for k in range(nk)]
                         for s in range(ns)])
-        x, _ = scale_fields(mod.reshape(-1, *mod.shape[3:]))
-        mu = torch.cat([self.model.state_vae.embed(torch.from_numpy(c))
-                        for c in np.array_split(x, max(1, len(x) // 128))])
-        feats = self.model.features(mu, torch.as_tensor((eps - ef).ravel(), dtype=torch.float32),
-                                    ctx)
-        return feats, eps
+        return encode_states(self.model, mod, eps - calc.get_fermi_level(), ctx), eps
 
     @torch.no_grad()
     def corrections(self, calc, bands: tuple[int, int] | None = None,

@@ -237,7 +237,7 @@ def gw_materials(path: str | Path) -> list[str]:
         return sorted(k for k in f if f[k].attrs.get("complete", False))
 
 
-def gw_ground_state(rec: dict, name: str, gpw_dir: str | Path = "runs/gw"):
+def gw_ground_state(rec: dict, name: str, gpw_dir: str | Path = "runs/gw_ref"):
     """GPAW calculator with the G0W0 record's KS states: the pipeline's full-diagonalization
     file if it is still there, else the same PW ground state recomputed (record's atoms and
     settings; IBZ k-points as GPAW chooses them, checked against the record)."""
@@ -267,25 +267,51 @@ def gw_ground_state(rec: dict, name: str, gpw_dir: str | Path = "runs/gw"):
     return calc
 
 
-def head_data(gwc, gw_path: str | Path, names: Sequence[str], gpw_dir: str | Path = "runs/gw",
-              progress: bool = True) -> dict[str, dict]:
-    """Features, targets Sigma = qp - eps (eV) and occupations of every G0W0-labelled state.
+def gw_inputs(gw_path: str | Path, name: str, gpw_dir: str | Path = "runs/gw_ref",
+              cache: str | Path | None = "data/raw/gw_inputs.h5") -> MaterialStates:
+    """Raw model inputs of one G0W0 material: |psi| of the G0W0 bands at the record's
+    k-points, super states and density from the 6x6 context run (GPAW, minutes), cached."""
+    from .calculator import context_calculator
+    from .data import GridSpec, density_grid, extract_material, super_states, write_material
 
-    ``gwc`` is a :class:`~ase_mlks.gw.calculator.GWCorrection` (its head need not be
-    trained): features are built exactly as at prediction time.
-    """
+    if cache is not None and Path(cache).exists() and name in list_materials(cache):
+        return read_material(cache, name)
+    rec = read_gw_record(gw_path, name)
+    calc = gw_ground_state(rec, name, gpw_dir)
+    n1, n2 = (int(b) for b in rec["bands"])
+    spec = GridSpec()
+    ms = extract_material(calc, name, bands=range(n1, n2), spec=spec, with_context=False)
+    ctx_calc = context_calculator(calc)
+    ms.super_moduli, ms.super_energies, ms.super_counts = super_states(ctx_calc, spec)
+    ms.density = density_grid(ctx_calc, spec)
+    if cache is not None:
+        write_material(cache, ms)
+    return ms
+
+
+def head_data(model: GWModel, gw_path: str | Path, names: Sequence[str],
+              gpw_dir: str | Path = "runs/gw_ref",
+              cache: str | Path | None = "data/raw/gw_inputs.h5", progress: bool = True
+              ) -> dict[str, dict]:
+    """Features, targets Sigma = qp - eps (eV) and occupations of every G0W0-labelled state,
+    encoded exactly as at prediction time (calculator.encode_states / encode_context)."""
     from tqdm.auto import tqdm
+
+    from .calculator import encode_context, encode_states
 
     out = {}
     for name in tqdm(names, desc="G0W0 materials", disable=not progress):
         rec = read_gw_record(gw_path, name)
-        calc = gw_ground_state(rec, name, gpw_dir)
+        ms = gw_inputs(gw_path, name, gpw_dir, cache)
         n1, n2 = (int(b) for b in rec["bands"])
-        feats, eps = gwc.state_features(calc, (n1, n2))
-        ef = calc.get_fermi_level()
-        out[name] = {"x": feats, "y": torch.as_tensor((rec["qp"] - rec["eps"]).ravel(),
-                                                      dtype=torch.float32),
-                     "occupied": torch.as_tensor((eps[0] < ef).ravel()),
+        eps = ms.eigenvalues[0][:, n1:n2]
+        if np.abs(eps - rec["eps"]).max() > 0.05:
+            raise ValueError(f"{name}: cached KS energies do not match the G0W0 record")
+        ctx = encode_context(model, ms.super_moduli, ms.super_energies, ms.density)
+        x = encode_states(model, ms.moduli[0], eps - ms.fermi_level, ctx)
+        out[name] = {"x": x, "y": torch.as_tensor((rec["qp"] - rec["eps"]).ravel(),
+                                                  dtype=torch.float32),
+                     "occupied": torch.as_tensor((eps < ms.fermi_level).ravel()),
                      "kpts": rec["ibz_kpts"], "bands": (n1, n2), "eps": rec["eps"],
                      "qp": rec["qp"], "cpu_time_gw": rec["cpu_time_gw"],
                      "cpu_time_gs": rec["cpu_time_gs"]}
@@ -394,6 +420,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     v.add_argument("--max-per-material", type=int, default=None)
     v.add_argument("--patience", type=int, default=10)
     v.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("inputs", help="precompute (cache) raw inputs of G0W0 materials")
+    c.add_argument("--gw", default="data/gw_monolayers.h5")
+    c.add_argument("--gpw-dir", default="runs/gw_ref")
+    c.add_argument("--cache", default="data/raw/gw_inputs.h5")
+    c.add_argument("--wait-for", nargs="*", default=[], help="poll until these are complete")
     a = sub.add_parser("assemble", help="combine three VAEs into one GW model file")
     a.add_argument("--state", required=True)
     a.add_argument("--super", required=True)
@@ -402,7 +433,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     h = sub.add_parser("head", help="supervised GW head on G0W0 data (encoders frozen)")
     h.add_argument("--model", required=True, help="GW model file (VAEs trained)")
     h.add_argument("--gw", default="data/gw_monolayers.h5")
-    h.add_argument("--gpw-dir", default="runs/gw")
+    h.add_argument("--gpw-dir", default="runs/gw_ref")
+    h.add_argument("--cache", default="data/raw/gw_inputs.h5")
     h.add_argument("--workdir", default="runs/gw/head")
     h.add_argument("--epochs", type=int, default=1000)
     h.add_argument("--out", required=True)
@@ -419,12 +451,22 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                                             "density")}
         model.save(args.out, extra={"vae_training": extras, "head": "untrained"})
         print(f"wrote {args.out}")
-    elif args.cmd == "head":
-        from .calculator import GWCorrection
+    elif args.cmd == "inputs":
+        import time
 
+        pending = list(dict.fromkeys(gw_materials(args.gw) + list(args.wait_for)))
+        while pending:
+            ready = [n for n in pending if n in gw_materials(args.gw)]
+            for name in ready:
+                gw_inputs(args.gw, name, args.gpw_dir, args.cache)
+                print(f"{name}: inputs cached", flush=True)
+                pending.remove(name)
+            if pending:
+                time.sleep(60)
+    elif args.cmd == "head":
         model = GWModel.load(args.model)
         extra = dict(model.checkpoint_meta["extra"])
-        data = head_data(GWCorrection(model), args.gw, gw_materials(args.gw), args.gpw_dir)
+        data = head_data(model, args.gw, gw_materials(args.gw), args.gpw_dir, args.cache)
         model, res = fit_gw(model, data, args.workdir, epochs=args.epochs)
         extra.update(head="trained", head_training=res)
         model.save(args.out, extra=extra, data_hash=hash_file(args.gw))
