@@ -63,9 +63,10 @@ def hellmann_feynman_forces(density: np.ndarray, centres: np.ndarray,
 class OFDFTCalc(MLCalculator):
     """Orbital-free DFT by energy minimization in the latent space of a density VAE.
 
-    Parameters: ``model`` (shipped name 'gauss3d', a path, or an ``OFDFTModel``), ``steps``
-    and ``lr`` of the latent Adam descent (None: defaults), ``warm_start`` (start from the
-    previous latent vector when only positions/charges changed slightly).
+    Parameters: ``model`` (shipped name 'gauss3d', a path, or an ``OFDFTModel``);
+    ``optimizer`` of the latent descent ('lbfgs' default: converges tightly, as the
+    Hellmann-Feynman forces need; 'adam' or 'gd' as in the paper), its ``steps`` (energy
+    evaluations) and ``lr`` (Adam/GD); ``warm_start`` (start from the previous latent vector).
     Properties: energy (eV), free_energy, forces (eV/Angstrom, Hellmann-Feynman).
     ``get_density()`` gives the particle density on the 18^3 grid in 1/Angstrom^3.
     """
@@ -73,7 +74,8 @@ class OFDFTCalc(MLCalculator):
     implemented_properties = ["energy", "free_energy", "forces"]
     model_class = OFDFTModel
     default_model = "gauss3d"
-    default_parameters: dict[str, Any] = {"steps": None, "lr": None, "warm_start": False}
+    default_parameters: dict[str, Any] = {"steps": 200, "lr": None, "optimizer": "lbfgs",
+                                          "warm_start": False}
 
     def __init__(self, model: str | OFDFTModel | None = None, **kwargs):
         super().__init__(model=model, **kwargs)
@@ -108,7 +110,8 @@ class OFDFTCalc(MLCalculator):
         z0 = self._latent if self.parameters.warm_start else None
         z, e, n, _, _ = latent_descent(
             self.model, torch.as_tensor(v, dtype=torch.float32)[None],
-            steps=self.parameters.steps, lr=self.parameters.lr, z0=z0)
+            steps=self.parameters.steps, lr=self.parameters.lr,
+            optimizer=self.parameters.optimizer, z0=z0)
         self._latent = z.detach()
         density = n[0].numpy().astype(np.float64)
         self.density = density

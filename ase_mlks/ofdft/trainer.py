@@ -100,10 +100,7 @@ def train_vae(tb: Testbed, data: dict[str, np.ndarray], workdir: str | Path, *,
                       checkpoint_extra={"part": "vae", "testbed": tb.name})
     trainer.fit()
     model = trainer.model.eval()
-    with torch.no_grad():
-        mu, _ = model.encode(torch.as_tensor(data["density"][tr], dtype=torch.float32))
-        model.z_init.copy_(mu.mean(0))
-        model.z_std.copy_(mu.std(0))
+    set_latent_statistics(model, data["density"][tr])
     return model
 
 
@@ -113,10 +110,13 @@ def train_functional(tb: Testbed, data: dict[str, np.ndarray], workdir: str | Pa
     """Train the CNN functional F[n] = e_gs - int V n by mean squared error (resumable)."""
     _, _, tr = _datasets(data, seed)
     f_tr = data["functional"][tr]
+    arch = dict(ARCHITECTURES[tb.name]["functional"])
+    if arch.pop("standardize_input", False):
+        scaled = data["density"][tr] * tb.dv * np.prod(tb.shape)
+        arch.update(n_mean=float(scaled.mean()), n_std=float(scaled.std()))
     torch.manual_seed(seed)
     model = FunctionalCNN(tb.shape, tb.dv, tb.periodic, f_mean=float(f_tr.mean()),
-                          f_std=float(f_tr.std()), testbed=tb.name,
-                          **ARCHITECTURES[tb.name]["functional"])
+                          f_std=float(f_tr.std()), testbed=tb.name, **arch)
     train_set, val_set, _ = _datasets(data, seed)
 
     def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, ...]):
@@ -140,7 +140,7 @@ def train_functional(tb: Testbed, data: dict[str, np.ndarray], workdir: str | Pa
 def train_testbed(name: str, workdir: str | Path, *, n_train: int, seed: int = 0,
                   vae_epochs: int = 60, functional_epochs: int = 60, lr: float = 1e-3,
                   beta: float | None = None, latent_dim: int | None = None,
-                  output: str | Path | None = None, workers: int = 1,
+                  output: str | Path | None = None, workers: int = 1, batch_size: int = 100,
                   progress: bool = True) -> OFDFTModel:
     """Generate (or reuse) the dataset, train both networks, write the combined checkpoint."""
     tb = get_testbed(name)
@@ -153,15 +153,47 @@ def train_testbed(name: str, workdir: str | Path, *, n_train: int, seed: int = 0
         tag += f"-ld{latent_dim}"
     vae = train_vae(tb, data, root / "train" / name / f"vae-{tag}", beta=beta,
                     latent_dim=latent_dim, epochs=vae_epochs, lr=lr, seed=seed,
-                    progress=progress)
+                    batch_size=batch_size, progress=progress)
     func = train_functional(tb, data, root / "train" / name / "functional",
-                            epochs=functional_epochs, lr=lr, seed=seed, progress=progress)
+                            epochs=functional_epochs, lr=lr, seed=seed,
+                            batch_size=batch_size, progress=progress)
     model = OFDFTModel.from_parts(vae, func)
     out = Path(output) if output else root / f"ofdft-{name}-{tag}.pt"
     model.save(out, data_hash=hash_arrays(data["density"]),
                units={"energy": "E0 (Hartree)", "length": "a0 (Bohr)"},
                extra={"n_train": n_train, "seed": seed, "vae_epochs": vae_epochs,
-                      "functional_epochs": functional_epochs, "lr": lr})
+                      "functional_epochs": functional_epochs, "lr": lr,
+                      "batch_size": batch_size})
+    return model
+
+
+def set_latent_statistics(vae: DensityVAE, densities: np.ndarray, batch: int = 200) -> None:
+    """Store the mean and spread of the training encodings (start and units of the descent)."""
+    vae.eval()
+    with torch.no_grad():
+        mu = torch.cat([vae.encode(torch.as_tensor(densities[i:i + batch],
+                                                   dtype=torch.float32))[0]
+                        for i in range(0, len(densities), batch)])
+    vae.z_init.copy_(mu.mean(0))
+    vae.z_std.copy_(mu.std(0))
+
+
+def assemble(name: str, workdir: str | Path, output: str | Path, *, n_train: int,
+             seed: int = 0, tag: str = "default") -> OFDFTModel:
+    """Combine the best checkpoints of the two trainings so far (a run stopped early too)."""
+    get_testbed(name)  # a clear error for an unknown name
+    root = Path(workdir)
+    data = load_dataset(root / "data" / name / "train", limit=n_train)
+    vae = DensityVAE.load(root / "train" / name / f"vae-{tag}" / "best.pt")
+    func = FunctionalCNN.load(root / "train" / name / "functional" / "best.pt")
+    _, _, tr = _datasets(data, seed)
+    set_latent_statistics(vae, data["density"][tr])
+    model = OFDFTModel.from_parts(vae, func)
+    epochs = {part: getattr(m, "checkpoint_meta", {}).get("extra", {}).get("epoch")
+              for part, m in (("vae", vae), ("functional", func))}
+    model.save(output, data_hash=hash_arrays(data["density"]),
+               units={"energy": "E0 (Hartree)", "length": "a0 (Bohr)"},
+               extra={"n_train": n_train, "seed": seed, "best_epochs": epochs})
     return model
 
 
@@ -173,18 +205,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae-epochs", type=int, default=60)
     p.add_argument("--functional-epochs", type=int, default=60)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--beta", type=float, default=None)
     p.add_argument("--latent-dim", type=int, default=None)
     p.add_argument("--workdir", default="runs/ofdft")
     p.add_argument("--output", default=None, help="combined checkpoint (.pt)")
     p.add_argument("--workers", type=int, default=1, help="processes for data generation")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--assemble", action="store_true",
+                   help="only combine the best checkpoints so far into --output")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.assemble:
+        out = args.output or Path(args.workdir) / f"ofdft-{args.testbed}.pt"
+        assemble(args.testbed, args.workdir, out, n_train=args.n_train, seed=args.seed)
+        print(f"wrote {out}")
+        return
     model = train_testbed(args.testbed, args.workdir, n_train=args.n_train, seed=args.seed,
                           vae_epochs=args.vae_epochs, functional_epochs=args.functional_epochs,
                           lr=args.lr, beta=args.beta, latent_dim=args.latent_dim,
-                          output=args.output, workers=args.workers)
+                          output=args.output, workers=args.workers,
+                          batch_size=args.batch_size)
     print(json.dumps({"testbed": args.testbed,
                       "parameters": sum(q.numel() for q in model.parameters())}))
 
