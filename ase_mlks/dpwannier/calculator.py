@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse.linalg as spla
 import torch
 from ase import Atoms
 from ase.calculators.calculator import all_changes
+from ase.dft.kpoints import BandPath
+from ase.spectrum.band_structure import BandStructure
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from ase_mlks.core.calculator import HamiltonianCalculator
@@ -141,3 +144,49 @@ class DPWannierCalc(HamiltonianCalculator):
                                   driver="evr")
             self._electronic["fermi_level"] = float(0.5 * (e[0] + e[1]))
         return self._electronic["fermi_level"]
+
+    def band_structure(self, path: BandPath | str | None = None, npoints: int = 100,
+                       nbands: int | None = None, sigma: float | None = None,
+                       reference: float | None = None) -> BandStructure:
+        """Band structure along ``path`` (see ``HamiltonianCalculator.band_structure``).
+
+        Cells above ``DENSE_LIMIT`` orbitals get the ``nbands`` (default 20) states nearest
+        ``sigma`` (default: the Fermi level) from :func:`eigenvalues_near`.
+        """
+        ham = self.get_hamiltonian()
+        if ham.norb <= DENSE_LIMIT:
+            return super().band_structure(path, npoints, nbands, sigma, reference)
+        if path is None:
+            path = self.parameters.get("kpts")
+        elif isinstance(path, str):
+            path = self.atoms.cell.bandpath(path, npoints=npoints, pbc=self.atoms.pbc)
+        if not isinstance(path, BandPath):
+            raise TypeError("give a BandPath (or a special-point string) for the bands")
+        if reference is None:
+            reference = self.get_fermi_level()
+        sigma = reference if sigma is None else sigma
+        eps = eigenvalues_near(ham, path.kpts, nbands or 20, sigma)
+        return BandStructure(path=path, energies=eps[None], reference=reference)
+
+
+def eigenvalues_near(ham: TBHamiltonian, kpts, nbands: int, sigma: float) -> np.ndarray:
+    """The ``nbands`` eigenvalues nearest ``sigma`` (eV) at each k, shape (nk, nbands).
+
+    Shift-invert Lanczos whose inverse comes from a dense LU factorization (LAPACK
+    zgetrf, blocked): a moiré cell's H(k) couples every atom to ~100 neighbours, so a
+    sparse LU fills in almost completely and is slower than the dense one; the Lanczos
+    iterations then only back-substitute.
+    """
+    out = []
+    for k in np.atleast_2d(kpts):
+        hk = ham.hk(k)
+        lu = scipy.linalg.lu_factor(hk - sigma * np.eye(ham.norb), check_finite=False)
+
+        def solve(x, lu=lu):
+            return scipy.linalg.lu_solve(lu, x, check_finite=False)
+
+        op = spla.LinearOperator(hk.shape, matvec=solve, matmat=solve, dtype=complex)
+        e = spla.eigsh(hk, k=nbands, sigma=sigma, OPinv=op, which="LM",
+                       return_eigenvectors=False, tol=1e-10)
+        out.append(np.sort(e.real))
+    return np.array(out)

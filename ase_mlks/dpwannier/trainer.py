@@ -22,9 +22,10 @@ import torch
 
 from ase_mlks.core.checkpoint import hash_file
 from ase_mlks.core.dataset import StructureDataset
+from ase_mlks.core.errors import AseMlksError
 from ase_mlks.core.training import Trainer, distributed_context
 
-from .data import DPWannierData, Sample, collate
+from .data import DPWannierData, Sample, collate, find_hamiltonian_group
 from .graph import batch_graphs
 from .model import DPWannierModel
 
@@ -140,6 +141,12 @@ def initialize_from_data(model: DPWannierModel, samples: Sequence[Sample]) -> No
     energies = np.array([float(s.energy[0]) for s in samples])
     bias, *_ = np.linalg.lstsq(counts, energies, rcond=None)
     model.e_bias.copy_(torch.as_tensor(bias, dtype=model.e_bias.dtype))
+    set_onsite_bias(model, samples)
+
+
+@torch.no_grad()
+def set_onsite_bias(model: DPWannierModel, samples: Sequence[Sample]) -> None:
+    """Mean on-site energy of every orbital of every species (the heads learn the rest)."""
     with_h = [s for s in samples if s.onsite is not None]
     if with_h:
         on = torch.cat([s.onsite for s in with_h])
@@ -205,6 +212,10 @@ class DPWannierTrainer:
         if max_structures is not None:
             keys = keys[:max_structures]
         self.train_keys, self.val_keys = stable_split(keys, val_fraction)
+        if not self.train_keys:  # tiny data set: a model needs something to train on
+            self.train_keys, self.val_keys = self.val_keys, []
+        with StructureDataset(self.data, "r") as ds:
+            self.h_keys = {k for k in keys if find_hamiltonian_group(ds.group(k)) is not None}
         self.model = DPWannierModel(**(model_kwargs or {})).to(dtype)
         self.train_set = DPWannierData(self.data, self.train_keys, self.model)
         self.val_set = DPWannierData(self.data, self.val_keys, self.model) if self.val_keys \
@@ -235,7 +246,16 @@ class DPWannierTrainer:
         _freeze(self.model, stage)
         params = ff_parameters(self.model) if stage == 1 else h_parameters(self.model)
         loss = force_field_loss if stage == 1 else hamiltonian_loss
-        return Trainer(self.model, loss, self.train_set, self.val_set, collate_fn=collate,
+        train, val = self.train_set, self.val_set
+        if stage == 2:  # only structures whose reference has a Wannier H(R)
+            train = DPWannierData(self.data, [k for k in self.train_keys if k in self.h_keys],
+                                  self.model)
+            vk = [k for k in self.val_keys if k in self.h_keys]
+            val = DPWannierData(self.data, vk, self.model) if vk else None
+            if not len(train):
+                raise AseMlksError("no training structure has a Wannier H(R): cannot fit the "
+                                   "Hamiltonian heads")
+        return Trainer(self.model, loss, train, val, collate_fn=collate,
                        batch_size=batch_size, lr=lr, max_epochs=epochs, parameters=params,
                        workdir=self.workdir / f"stage{stage}", progress=self.progress,
                        seed=self.seed, data_hash=self.data_hash, lr_patience=8, patience=40,
@@ -252,6 +272,9 @@ class DPWannierTrainer:
         if stage1_best.exists() and not (self.workdir / "stage2" / "last.pt").exists():
             ff = torch.load(stage1_best, map_location="cpu", weights_only=False)["state_dict"]
             self.model.load_state_dict(ff)
+        if not (self.workdir / "stage2" / "last.pt").exists():
+            set_onsite_bias(self.model, [self.train_set[i] for i in range(len(self.train_set))
+                                         if self.train_keys[i] in self.h_keys])
         return self._trainer(2, epochs, lr, batch_size).fit()
 
     def finish(self, output: str | os.PathLike) -> dict:
@@ -261,6 +284,7 @@ class DPWannierTrainer:
         train = [self.train_set[i] for i in range(len(self.train_set))]
         info = {"alignment": fit_alignment(self.model, train),
                 "n_train": len(self.train_keys), "n_val": len(self.val_keys),
+                "n_train_hamiltonian": sum(k in self.h_keys for k in self.train_keys),
                 "val_keys": self.val_keys}
         if self.val_set is not None:
             info["val"] = evaluate(self.model, [self.val_set[i] for i in range(len(self.val_set))])
