@@ -128,7 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mpi", type=int, default=0)
     p = sub.add_parser("summary", help="table of what an output file holds")
     p.add_argument("files", nargs="+")
+    p = sub.add_parser("extract", help="copy records into another file (fixtures, splits)")
+    p.add_argument("source")
+    p.add_argument("keys", nargs="+")
+    p.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.cmd == "extract":
+        from .summary import extract
+
+        extract(args.source, args.keys, args.out)
+        return 0
     if args.cmd == "summary":
         from .summary import print_summary
 

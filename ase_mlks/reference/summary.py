@@ -8,7 +8,26 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-__all__ = ["summarize", "print_summary"]
+__all__ = ["summarize", "print_summary", "extract"]
+
+
+def extract(source: str | Path, keys, out: str | Path) -> None:
+    """Copy complete records ``keys`` of ``source`` into ``out`` (written atomically)."""
+    import shutil
+
+    from ..core.io import atomic_path
+
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        if out.exists():
+            shutil.copyfile(out, tmp)
+        with h5py.File(source, "r") as src, h5py.File(tmp, "a") as dst:
+            for key in keys:
+                if key not in src or not src[key].attrs.get("complete", False):
+                    raise KeyError(f"no complete record {key!r} in {source}")
+                if key in dst:
+                    del dst[key]
+                src.copy(src[key], dst, name=key)
 
 
 def summarize(path: str | Path) -> dict:
