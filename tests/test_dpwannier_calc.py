@@ -26,6 +26,10 @@ def _teacher() -> DPWannierModel:
     t.onsite_bias[0, :5] = -4.0
     t.onsite_bias[1, :3] = -7.0
     t.min_distance = 1.5
+    with torch.no_grad():
+        for head in t.heads.values():  # heads start at zero output: give them weights
+            torch.nn.init.normal_(head[-1].weight, std=0.3)
+            torch.nn.init.normal_(head[-1].bias, std=0.3)
     return t
 
 
@@ -150,3 +154,15 @@ def test_torch_bloch_eigenvalues_match_tbhamiltonian(calc):
         out = calc.model(g, forces=False, hamiltonian=True)
         eps = calc.model.bloch_eigenvalues(g, out["onsite"], out["hop"], 0, torch.as_tensor(kpts))
     assert np.allclose(eps.numpy(), ham.eigenvalues(kpts), atol=1e-8)
+
+
+def test_large_cell_solver_matches_dense(calc):
+    """Shift-invert with the dense LU (used above 3000 orbitals) = dense eigh near sigma."""
+    from ase_mlks.dpwannier.calculator import eigenvalues_near
+
+    atoms = bilayer_configuration(np.random.default_rng(9), size=(2, 2))
+    ham = calc.get_hamiltonian(atoms)
+    kpts = np.array([[0.0, 0.0, 0.0], [0.25, 0.1, 0.0]])
+    sigma = float(np.median(ham.eigenvalues(kpts[:1])))
+    ref = ham.eigenvalues(kpts, nbands=10, sigma=sigma, solver="dense")
+    assert np.allclose(eigenvalues_near(ham, kpts, 10, sigma), ref, atol=1e-8)

@@ -28,6 +28,9 @@ def model() -> DPWannierModel:
     with torch.no_grad():
         for p in m.env_weights.parameters():
             p.mul_(20.0)
+        for head in m.heads.values():  # heads start at zero output: give them weights
+            torch.nn.init.normal_(head[-1].weight, std=0.3)
+            torch.nn.init.normal_(head[-1].bias, std=0.3)
     m.alignment.coef.copy_(torch.tensor([0.1, 0.2, 0.0, 0.3, 0.0, 0.0], dtype=torch.float64))
     return m
 

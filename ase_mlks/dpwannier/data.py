@@ -52,10 +52,13 @@ class Sample:
 
 
 def find_hamiltonian_group(group: h5py.Group) -> h5py.Group | None:
-    """The nested TBHamiltonian group of a structure group (None if there is none)."""
-    for obj in group.values():
-        if isinstance(obj, h5py.Group) and obj.attrs.get("format", "") == TB_FORMAT:
-            return obj
+    """The structure's Wannier TBHamiltonian group ('wannier'; None if there is none).
+
+    Other TB groups (e.g. 'ao', GPAW's atomic-orbital H(R)) are a different basis.
+    """
+    obj = group.get("wannier")
+    if isinstance(obj, h5py.Group) and obj.attrs.get("format", "") == TB_FORMAT:
+        return obj
     return None
 
 
@@ -188,3 +191,21 @@ def split_keys(path: str | os.PathLike, fraction: float = 0.8, seed: int = 0,
     perm = rng.permutation(len(keys))
     n = int(round(fraction * len(keys)))
     return [keys[i] for i in sorted(perm[:n])], [keys[i] for i in sorted(perm[n:])]
+
+
+def merge_datasets(output: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> Path:
+    """Copy the complete structures of several reference files into one (atomically).
+
+    Keys become ``<file stem>/<key>``-free names ``<file stem>:<key>`` so that structures
+    of different files never collide. Returns the output path.
+    """
+    from ase_mlks.core.io import atomic_path
+
+    output = Path(output)
+    with atomic_path(output) as tmp, h5py.File(tmp, "w") as out:
+        for path in inputs:
+            with StructureDataset(path, "r") as ds:
+                src = ds.group(ds.keys()[0]).file if ds.keys() else None
+                for key in ds.keys():
+                    src.copy(src[key], out, name=f"{Path(path).stem}:{key}")
+    return output

@@ -64,8 +64,8 @@ class VacuumAlignment(nn.Module):
     """Per-layer on-site shift C(strain, rho) = sum_{a+b<=deg} c_ab strain^a (rho-1)^b (eV).
 
     ``rho`` = N_out / N_in. Fitted by linear least squares (``fit``); zero until fitted.
-    Minimum-norm solutions keep coefficients of monomials absent from the data at zero, so
-    a model fitted only on equal layers (rho = 1) leaves unequal layers unshifted.
+    Monomials whose value does not vary in the data keep a zero coefficient, so data with
+    one layer ratio only give a constant and say nothing about other ratios.
     """
 
     def __init__(self, degree: int = 2):
@@ -86,7 +86,12 @@ class VacuumAlignment(nn.Module):
         """Least-squares fit to measured per-layer shifts (eV); returns the R^2 of the fit."""
         x = self.features(torch.as_tensor(np.asarray(layer_feat), dtype=torch.float64)).numpy()
         y = np.asarray(shift, dtype=np.float64)
-        coef, *_ = np.linalg.lstsq(x, y, rcond=rcond)
+        # Monomials that do not vary in the data cannot be told from the constant: leave them
+        # at zero instead of letting a min-norm solution extrapolate with them.
+        use = np.array([a + b == 0 or x[:, n].std() > 1e-6
+                        for n, (a, b) in enumerate(self.powers)])
+        coef = np.zeros(len(self.powers))
+        coef[use], *_ = np.linalg.lstsq(x[:, use], y, rcond=rcond)
         self.coef.copy_(torch.as_tensor(coef, dtype=self.coef.dtype))
         resid = y - x @ coef
         ss = float(((y - y.mean()) ** 2).sum())
@@ -194,6 +199,11 @@ class DPWannierModel(nn.Module, CheckpointMixin):
                 [2 * raer + n_radial, *intra_hidden, self._ncoef(INTRA, a, b)])
             self.heads[f"{INTER}_{a}_{b}_{rng}"] = mlp(
                 [n_radial, *inter_hidden, self._ncoef(INTER, a, b)])
+        # Start every head at zero output (H = mean on-site energies): a head that sees no
+        # data (e.g. inter-layer heads trained on monolayers only) then adds nothing.
+        for head in self.heads.values():
+            nn.init.zeros_(head[-1].weight)
+            nn.init.zeros_(head[-1].bias)
         # Mean on-site energy of each orbital (eV, ours order), set from data by the trainer;
         # the heads learn deviations. Stored per species as a padded (nmax,) vector.
         self.register_buffer("onsite_bias", torch.zeros(ns, self.nmax))

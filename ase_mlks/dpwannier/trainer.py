@@ -25,7 +25,7 @@ from ase_mlks.core.dataset import StructureDataset
 from ase_mlks.core.errors import AseMlksError
 from ase_mlks.core.training import Trainer, distributed_context
 
-from .data import DPWannierData, Sample, collate, find_hamiltonian_group
+from .data import DPWannierData, Sample, collate, find_hamiltonian_group, merge_datasets
 from .graph import batch_graphs
 from .model import DPWannierModel
 
@@ -322,7 +322,9 @@ def evaluate(model: DPWannierModel, samples: Sequence[Sample]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train DPWannierModel on GPAW reference data")
-    p.add_argument("--data", default="data/mos2_bilayer.h5")
+    p.add_argument("--data", nargs="+", default=["data/mos2_bilayer.h5"],
+                   help="reference HDF5 file(s); several are merged into workdir/data.h5")
+    p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--workdir", default="runs/dpwannier")
     p.add_argument("--output", default="ase_mlks/pretrained/dpwannier-mos2-bilayer.pt")
     p.add_argument("--epochs1", type=int, default=200)
@@ -337,8 +339,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--stage", choices=["1", "2", "all"], default="all")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    tr = DPWannierTrainer(args.data, args.workdir, json.loads(args.model_kwargs),
-                          prefix=args.prefix, max_structures=args.max_structures)
+    data = args.data[0]
+    if len(args.data) > 1:
+        data = Path(args.workdir) / "data.h5"
+        if not data.exists():
+            merge_datasets(data, args.data)
+    tr = DPWannierTrainer(data, args.workdir, json.loads(args.model_kwargs),
+                          val_fraction=args.val_fraction, prefix=args.prefix,
+                          max_structures=args.max_structures)
     print(f"train {len(tr.train_keys)} / held-out {len(tr.val_keys)} structures")
     if args.stage in ("1", "all"):
         tr.stage1(args.epochs1, args.lr1, args.batch_size)
