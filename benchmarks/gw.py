@@ -35,20 +35,33 @@ from ase_mlks.gw.trainer import (
 )
 
 
-def summarize(metrics: dict, fields: np.ndarray) -> dict:
-    return {"n": int(len(fields)), "r2_mean": float(np.mean(metrics["r2"])),
+def summarize(metrics: dict, fields) -> dict:
+    """Statistics of reconstruction metrics; ``fields`` and the reconstructions may be lists
+    of arrays (materials with different grids)."""
+    flat = np.concatenate([np.ravel(f) for f in (fields if isinstance(fields, list)
+                                                 else [fields])])
+    rec = metrics["reconstruction"]
+    flat_rec = np.concatenate([np.ravel(r) for r in (rec if isinstance(rec, list) else [rec])])
+    return {"n": int(len(metrics["r2"])), "r2_mean": float(np.mean(metrics["r2"])),
             "r2_median": float(np.median(metrics["r2"])),
-            "r2_pooled": pooled_r2(fields, metrics["reconstruction"]),
+            "r2_pooled": pooled_r2(flat, flat_rec),
             "norm_dev_mean": float(np.mean(np.abs(metrics["norm_ratio"] - 1))),
             "norm_within_1pct": float(np.mean(np.abs(metrics["norm_ratio"] - 1) < 0.01))}
 
 
-def heldout_states(info: dict) -> np.ndarray:
-    """Raw fields of the state VAE's validation split, rebuilt from its recorded settings."""
+def heldout_states(info: dict) -> list[np.ndarray]:
+    """Raw fields of the state VAE's validation split (one array per material), rebuilt
+    from its recorded settings."""
     fields = load_fields(info["data"], "state", HELD_OUT, only=info["materials"], scaled=False)
-    val = [fields[n][material_split(n, len(fields[n]), info["val_fraction"], info["seed"],
-                                    info["max_per_material"])[1]] for n in sorted(fields)]
-    return np.concatenate(val)
+    return [fields[n][material_split(n, len(fields[n]), info["val_fraction"], info["seed"],
+                                     info["max_per_material"])[1]] for n in sorted(fields)]
+
+
+def merged_metrics(vae, arrays: list[np.ndarray]) -> dict:
+    ms = [reconstruction_metrics(vae, a) for a in arrays]
+    return {"r2": np.concatenate([m["r2"] for m in ms]),
+            "norm_ratio": np.concatenate([m["norm_ratio"] for m in ms]),
+            "reconstruction": [m["reconstruction"] for m in ms]}
 
 
 def valence_density_r2(model: GWModel, ms) -> float:
@@ -92,7 +105,7 @@ def vae_benchmark(model: GWModel, ks_paths: list[str], outdir: Path) -> dict:
     res: dict = {"state_vae_training": {k: info[k] for k in ("materials", "n_train", "n_val",
                                                               "beta", "seed")}}
     val = heldout_states(info)
-    res["heldout_states"] = summarize(reconstruction_metrics(model.state_vae, val), val)
+    res["heldout_states"] = summarize(merged_metrics(model.state_vae, val), val)
     per_mat, all_x, all_m = {}, [], []
     for path in ks_paths:
         for name in list_materials(path):
@@ -115,9 +128,10 @@ def vae_benchmark(model: GWModel, ks_paths: list[str], outdir: Path) -> dict:
             if name == "MoS2":
                 plot_states(model, ms, outdir / "gw_vae_mos2_states.png")
     if all_x:
-        x = np.concatenate(all_x)
-        merged = {k: np.concatenate([m[k] for m in all_m]) for k in all_m[0]}
-        res["heldout_materials"] = {"all": summarize(merged, x), **per_mat}
+        merged = {"r2": np.concatenate([m["r2"] for m in all_m]),
+                  "norm_ratio": np.concatenate([m["norm_ratio"] for m in all_m]),
+                  "reconstruction": [m["reconstruction"] for m in all_m]}
+        res["heldout_materials"] = {"all": summarize(merged, all_x), **per_mat}
     return res
 
 

@@ -274,6 +274,8 @@ def gw_inputs(gw_path: str | Path, name: str, gpw_dir: str | Path = "runs/gw_ref
     from .calculator import context_calculator
     from .data import GridSpec, density_grid, extract_material, super_states, write_material
 
+    if cache is not None and Path(cache).is_dir():  # one file per material (parallel runs)
+        cache = Path(cache) / f"{name}.h5"
     if cache is not None and Path(cache).exists() and name in list_materials(cache):
         return read_material(cache, name)
     rec = read_gw_record(gw_path, name)
@@ -320,7 +322,8 @@ def head_data(model: GWModel, gw_path: str | Path, names: Sequence[str],
 
 def fit_gw(model: GWModel, data: dict[str, dict], workdir: str | Path,
            held_out: Sequence[str] = HELD_OUT, test_fraction: float = 0.1, seed: int = 0,
-           epochs: int = 1000, progress: bool = True) -> tuple[GWModel, dict]:
+           epochs: int = 1000, progress: bool = True, patience: int = 100
+           ) -> tuple[GWModel, dict]:
     """Train the GW head and the two baselines on the same split; MAEs (eV) of all three.
 
     Split as in the paper: held-out materials excluded entirely; the other materials'
@@ -338,11 +341,11 @@ def fit_gw(model: GWModel, data: dict[str, dict], workdir: str | Path,
     p = model.state_vae.latent
     energy_col = slice(p, p + 1) if model.hparams["features"] == "full" else slice(0, 1)
     model = train_head(model, x[tr], y[tr], x[te], y[te], Path(workdir) / "head",
-                       epochs=epochs, seed=seed, progress=progress)
+                       epochs=epochs, seed=seed, progress=progress, patience=patience)
     base = GWModel(**{**model.hparams, "features": "energy"})
     base = train_head(base, x[tr][:, energy_col], y[tr], x[te][:, energy_col], y[te],
                       Path(workdir) / "energy_only", epochs=epochs, seed=seed,
-                      progress=progress)
+                      progress=progress, patience=patience)
     scissor = {True: float(y[tr][occ[tr]].mean()), False: float(y[tr][~occ[tr]].mean())}
 
     def maes(xs, ys, occs) -> dict[str, float]:
@@ -425,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     c.add_argument("--gpw-dir", default="runs/gw_ref")
     c.add_argument("--cache", default="data/raw/gw_inputs.h5")
     c.add_argument("--wait-for", nargs="*", default=[], help="poll until these are complete")
+    c.add_argument("--only", nargs="*", default=None, help="just these materials")
     a = sub.add_parser("assemble", help="combine three VAEs into one GW model file")
     a.add_argument("--state", required=True)
     a.add_argument("--super", required=True)
@@ -437,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     h.add_argument("--cache", default="data/raw/gw_inputs.h5")
     h.add_argument("--workdir", default="runs/gw/head")
     h.add_argument("--epochs", type=int, default=1000)
+    h.add_argument("--patience", type=int, default=100)
+    h.add_argument("--materials", nargs="*", default=None, help="subset of the G0W0 file")
     h.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.cmd == "vae":
@@ -455,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         import time
 
         pending = list(dict.fromkeys(gw_materials(args.gw) + list(args.wait_for)))
+        if args.only is not None:
+            pending = [n for n in pending if n in args.only]
         while pending:
             ready = [n for n in pending if n in gw_materials(args.gw)]
             for name in ready:
@@ -466,8 +474,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.cmd == "head":
         model = GWModel.load(args.model)
         extra = dict(model.checkpoint_meta["extra"])
-        data = head_data(model, args.gw, gw_materials(args.gw), args.gpw_dir, args.cache)
-        model, res = fit_gw(model, data, args.workdir, epochs=args.epochs)
+        names = [n for n in gw_materials(args.gw)
+                 if args.materials is None or n in args.materials]
+        data = head_data(model, args.gw, names, args.gpw_dir, args.cache)
+        model, res = fit_gw(model, data, args.workdir, epochs=args.epochs,
+                            patience=args.patience)
         extra.update(head="trained", head_training=res)
         model.save(args.out, extra=extra, data_hash=hash_file(args.gw))
         print(json.dumps(res, indent=1))
