@@ -35,9 +35,12 @@ def test_monolayer_wannier_bands_match_gpaw():
     assert tb.norb == 11 and tb.nelectrons == pytest.approx(14.0, abs=1e-3)
     eps = np.sort(tb.eigenvalues(kpts), axis=1)
     err = np.abs(eps - ref)
-    # reported in docs/reference.md: 18x18 grid, 1 meV threshold (measured 8 / 1 meV)
-    assert err[:, 6].max() < 0.015  # top valence band
+    # reported in docs/reference.md for this fixture (18x18 grid, elements >= 0.1 meV kept):
+    # 24 meV top valence, 3 meV bottom conduction (5.8 / 1.3 meV before truncation)
+    assert err[:, 6].max() < 0.03  # top valence band
     assert err[:, 7].max() < 0.005  # bottom conduction band
+    assert meta["band_error_vbm_untruncated"] < 0.01
+    assert meta["band_error_cbm_untruncated"] < 0.002
     assert err.max() == pytest.approx(meta["band_error_max"], abs=2e-3)
 
 
