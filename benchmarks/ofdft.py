@@ -180,9 +180,10 @@ def speed(model_ref: str, grids: list[int], steps: int, repeats: int = 1) -> dic
             fpools = (2, 3, 3, 1) if npts % 18 == 0 else (2, 2, 2, 1)
             vae = DensityVAE(tb.shape, tb.dv, tb.length, True, testbed="gauss3d",
                              **{**arch["vae"], "pools": pools})
-            fargs = {k: v for k, v in arch["functional"].items() if k != "standardize_input"}
+            fargs = {k: v for k, v in arch["functional"].items()
+                     if k not in ("standardize_input", "gradient_features")}
             fn = FunctionalCNN(tb.shape, tb.dv, True, testbed="gauss3d",
-                               **{**fargs, "pools": fpools})
+                               **{**fargs, "pools": fpools, "gradient_scale": 1.0})
             model = OFDFTModel.from_parts(vae, fn)
         vt = torch.as_tensor(v, dtype=torch.float32)[None]
         t0 = time.perf_counter()

@@ -16,7 +16,7 @@ def _small(name: str, seed: int = 0) -> OFDFTModel:
     vae = DensityVAE(tb.shape, tb.dv, tb.length, tb.periodic, testbed=name,
                      **ARCHITECTURES[name]["vae"])
     fargs = {k: v for k, v in ARCHITECTURES[name]["functional"].items()
-             if k != "standardize_input"}
+             if k not in ("standardize_input", "gradient_features")}
     fn = FunctionalCNN(tb.shape, tb.dv, tb.periodic, testbed=name, **fargs)
     return OFDFTModel.from_parts(vae, fn)
 

@@ -216,11 +216,17 @@ class FunctionalCNN(nn.Module, CheckpointMixin):
                  channels: Sequence[int] = (16, 16, 16, 16, 16),
                  pools: Sequence[int] = (2, 2, 2, 2, 2), kernel: int = 13,
                  f_mean: float = 0.0, f_std: float = 1.0, testbed: str = "",
-                 n_mean: float = 0.0, n_std: float = 1.0, coarsen: int = 1):
+                 n_mean: float = 0.0, n_std: float = 1.0, coarsen: int = 1,
+                 gradient_scale: float = 0.0):
         super().__init__()
         self.hparams = dict(shape=list(shape), dv=dv, periodic=periodic, channels=list(channels),
                             pools=list(pools), kernel=kernel, f_mean=f_mean, f_std=f_std,
-                            testbed=testbed, n_mean=n_mean, n_std=n_std, coarsen=coarsen)
+                            testbed=testbed, n_mean=n_mean, n_std=n_std, coarsen=coarsen,
+                            gradient_scale=gradient_scale)
+        # gradient_scale > 0 (periodic grids): a second input channel |grad n|^2 / n / scale,
+        # from spectral derivatives, so the convolutions need not learn derivatives first
+        self.gradient_scale = float(gradient_scale)
+        self.length = (dv ** (1.0 / len(shape))) * shape[0]
         # input standardization: 3D densities vary by only ~10 % around 1, too little for the
         # Softplus layers to see their curvature (F ~ int |grad n|^2 / 8n is quadratic)
         self.n_mean, self.n_std = float(n_mean), float(n_std)
@@ -228,8 +234,9 @@ class FunctionalCNN(nn.Module, CheckpointMixin):
         self.ndim = len(shape)
         self.dv = dv
         small = _reduced_size(self.shape[0] // coarsen, pools)
-        layers: list[nn.Module] = [FourierDownsample(coarsen, self.ndim)] if coarsen > 1 else []
-        cin = 1
+        self.coarse = FourierDownsample(coarsen, self.ndim) if coarsen > 1 else nn.Identity()
+        layers: list[nn.Module] = []
+        cin = 2 if gradient_scale > 0 else 1
         for c, p in zip(channels, pools):
             layers += [_conv(self.ndim, cin, c, kernel, periodic), nn.Softplus()]
             if p > 1:
@@ -242,8 +249,24 @@ class FunctionalCNN(nn.Module, CheckpointMixin):
 
     def forward(self, n: torch.Tensor) -> torch.Tensor:
         """Densities (B, *shape) -> F (B,) in E0."""
-        x = (n * self.dv * math.prod(self.shape) - self.n_mean) / self.n_std
-        return self.head(self.body(x.unsqueeze(1))).squeeze(-1) * self.f_std + self.f_mean
+        x = self.coarse((n * self.dv * math.prod(self.shape)).unsqueeze(1))
+        feats = [(x - self.n_mean) / self.n_std]
+        if self.gradient_scale > 0:
+            feats.append(self._gradient_feature(x) / self.gradient_scale)
+        return self.head(self.body(torch.cat(feats, 1))).squeeze(-1) * self.f_std + self.f_mean
+
+    def _gradient_feature(self, x: torch.Tensor) -> torch.Tensor:
+        """|grad x|^2 / x by spectral derivatives on the (coarse) periodic grid, (B, 1, *g)."""
+        dims = tuple(range(2, x.ndim))
+        m = x.shape[-1]
+        k = 2 * torch.pi * torch.fft.fftfreq(m, d=self.length / m, dtype=x.dtype)
+        spec = torch.fft.fftn(x, dim=dims)
+        g2 = torch.zeros_like(x)
+        for axis in dims:
+            shape = [1] * x.ndim
+            shape[axis] = m
+            g2 = g2 + torch.fft.ifftn(1j * k.view(shape) * spec, dim=dims).real ** 2
+        return g2 / x.clamp_min(1e-3)
 
     def loss(self, n: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean squared error in standardized units; reports the MAE in E0."""
@@ -269,7 +292,7 @@ ARCHITECTURES: dict[str, dict[str, dict]] = {
         "vae": dict(latent_dim=32, channels=(16, 32, 32), pools=(3, 1, 1), kernel=3, beta=1e-6,
                     upsample="fourier", coarsen=2),
         "functional": dict(channels=(16, 16, 16, 16), pools=(1, 3, 3, 1), kernel=3,
-                           standardize_input=True, coarsen=2),
+                           standardize_input=True, coarsen=2, gradient_features=True),
     },
 }
 

@@ -114,6 +114,12 @@ def train_functional(tb: Testbed, data: dict[str, np.ndarray], workdir: str | Pa
     if arch.pop("standardize_input", False):
         scaled = data["density"][tr] * tb.dv * np.prod(tb.shape)
         arch.update(n_mean=float(scaled.mean()), n_std=float(scaled.std()))
+    if arch.pop("gradient_features", False):
+        probe = FunctionalCNN(tb.shape, tb.dv, tb.periodic, **{**arch, "gradient_scale": 1.0})
+        with torch.no_grad():
+            x = probe.coarse(torch.as_tensor(data["density"][tr[:500]] * tb.dv
+                                             * np.prod(tb.shape)).unsqueeze(1))
+            arch["gradient_scale"] = float(probe._gradient_feature(x).mean())
     torch.manual_seed(seed)
     model = FunctionalCNN(tb.shape, tb.dv, tb.periodic, f_mean=float(f_tr.mean()),
                           f_std=float(f_tr.std()), testbed=tb.name, **arch)
