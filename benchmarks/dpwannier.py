@@ -39,6 +39,7 @@ from ase.dft.kpoints import BandPath
 
 TWIST = {42: (1, 2), 114: (2, 3), 222: (3, 4)}
 # the paper's near-commensurate cells (docs/reference.md): layer-1 and layer-2 vectors
+RELAX_STEPS = 500
 LARGE = {201: ((5, 1), (6, 0)), 1308: ((14, 1), (15, 0))}
 
 
@@ -83,7 +84,7 @@ def _parity(ref, pred, label: str, unit: str, path: Path) -> None:
 
 
 # -- 1. held-out bilayers ------------------------------------------------------------------
-def heldout(calc, data: Path, out: Path) -> dict:
+def heldout(calc, data: Path, out: Path, unseen: list[Path] | None = None) -> dict:
     import torch
 
     from ase_mlks.dpwannier.data import DPWannierData
@@ -92,9 +93,26 @@ def heldout(calc, data: Path, out: Path) -> dict:
     model = calc.model
     extra = model.checkpoint_meta.get("extra", {}) if hasattr(model, "checkpoint_meta") else {}
     keys = extra.get("val_keys")
+    source = "checkpoint's held-out split"
     if not keys or not data.exists():
-        return {"skipped": "no held-out keys in the checkpoint or no data file"}
-    ds = DPWannierData(data, keys, model)
+        # structures the model never saw: every complete record of the --unseen files
+        from torch.utils.data import ConcatDataset
+
+        from ase_mlks.core.dataset import StructureDataset
+
+        parts = []
+        for p in unseen or []:
+            if p.exists():
+                with StructureDataset(p, "r") as sd:
+                    k = sd.keys()
+                if k:
+                    parts.append(DPWannierData(p, k, model))
+        if not parts:
+            return {"skipped": "no held-out keys in the checkpoint and no --unseen data"}
+        ds = ConcatDataset(parts)
+        source = "unseen files: " + ", ".join(str(p) for p in unseen or [])
+    else:
+        ds = DPWannierData(data, keys, model)
     e_ref, e_pred, f_ref, f_pred, h_ref, h_pred, nat = [], [], [], [], [], [], []
     for n in range(len(ds)):
         s = ds[n]
@@ -112,7 +130,7 @@ def heldout(calc, data: Path, out: Path) -> dict:
     nat = np.array(nat, float)
     e_ref, e_pred = np.array(e_ref) / nat, np.array(e_pred) / nat
     f_ref, f_pred = np.concatenate(f_ref), np.concatenate(f_pred)
-    res = {"n_structures": len(ds), "n_train": extra.get("n_train"),
+    res = {"source": source, "n_structures": len(ds), "n_train": extra.get("n_train"),
            "energy_mae_meV_atom": 1e3 * float(np.mean(np.abs(e_ref - e_pred))),
            "force_mae_meV_A": 1e3 * float(np.mean(np.abs(f_ref - f_pred))),
            "force_rms_ref_meV_A": 1e3 * float(np.sqrt(np.mean(f_ref**2)))}
@@ -175,6 +193,7 @@ def twisted(calc, paths: list[Path], out: Path) -> list[dict]:
                        bands_compared=f"{nv} valence + {ref.shape[1] - nv} conduction, "
                                       f"{len(kpts)} k on Γ-M-K-Γ")
             _plot_bands(kpts, ref, mine, atoms, out / f"dpwannier_bands_{rec['key']}.png")
+        row.update(_twisted_h_errors(calc, rec))
         if "forces" in rec:
             f = calc.get_forces(atoms)
             row["force_mae_meV_A_unrelaxed"] = 1e3 * float(np.mean(np.abs(f - rec["forces"])))
@@ -183,7 +202,7 @@ def twisted(calc, paths: list[Path], out: Path) -> list[dict]:
         z0 = atoms.positions[:, 2].copy()
         t0 = time.perf_counter()
         opt = BFGS(relaxed, logfile=None)
-        opt.run(fmax=0.01, steps=500)
+        opt.run(fmax=0.01, steps=RELAX_STEPS)
         row.update(relax_steps=opt.nsteps, relax_s=time.perf_counter() - t0,
                    relax_max_dz_A=float(np.abs(relaxed.positions[:, 2] - z0).max()))
         if "relaxed_positions" in rec:
@@ -194,6 +213,43 @@ def twisted(calc, paths: list[Path], out: Path) -> list[dict]:
             row["relaxed_vs_gpaw"] = "no GPAW-relaxed structure in the fixture"
         results.append(row)
     return results
+
+
+def _twisted_h_errors(calc, rec: dict) -> dict:
+    """H-element MAE (|H| > 1 meV) vs the fixture's Wannier H(R), on pairs closer than
+    the Wigner-Seitz radius of its k-grid (beyond it the reference folds images)."""
+    import h5py
+    import torch
+
+    from ase_mlks.core.hamiltonian import TBHamiltonian
+    from ase_mlks.dpwannier.data import hamiltonian_targets
+    from ase_mlks.dpwannier.trainer import H_THRESHOLD
+
+    with h5py.File(rec["file"], "r") as f:
+        grp = f[rec["key"]].get("wannier")
+        if grp is None:
+            return {}
+        ham = TBHamiltonian.from_hdf5(grp)
+        grid = json.loads(grp.attrs["grid"])
+    model = calc.model
+    g = calc.graph(rec["atoms"])
+    with torch.no_grad():
+        out = model(g, forces=False, hamiltonian=True)
+    on, hop, _ = hamiltonian_targets(ham, g, model.norb, model.nmax)
+    cell = rec["atoms"].cell
+    ws = 0.5 * min(grid[0] * cell.lengths()[0], grid[1] * cell.lengths()[1])
+    vec = (g.positions[g.h_j] - g.positions[g.h_i] + g.h_shift @ g.cell[0]).norm(dim=1)
+    om = model.orbital_mask(g.species).numpy()
+    hi, hj = g.h_i.numpy(), g.h_j.numpy()
+    sel = (vec.numpy() < ws - 0.5)[:, None, None] & om[hi][:, :, None] & om[hj][:, None, :]
+    m_on = om[:, :, None] & om[:, None, :]
+    ref = np.concatenate([on[m_on], hop[sel]])
+    pred = np.concatenate([out["onsite"].numpy()[m_on], out["hop"].numpy()[sel]])
+    big = np.abs(ref) > H_THRESHOLD
+    return {"h_mae_meV": 1e3 * float(np.mean(np.abs(ref[big] - pred[big]))),
+            "h_onsite_mae_meV": 1e3 * float(np.mean(np.abs(on[m_on]
+                                                          - out["onsite"].numpy()[m_on]))),
+            "h_elements": int(big.sum()), "h_pairs_within_A": ws - 0.5}
 
 
 def _plot_bands(kpts, ref, mine, atoms, path: Path) -> None:
@@ -390,6 +446,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mos2-bilayer")
     p.add_argument("--data", default="data/mos2_bilayer.h5")
+    p.add_argument("--unseen", nargs="*", default=[],
+                   help="reference files none of whose structures were used in training")
     p.add_argument("--twisted", nargs="*", default=None,
                    help="HDF5 fixtures with twisted bilayers (default: tests/data/*.h5)")
     p.add_argument("--gpaw", type=int, nargs="*", default=[42],
@@ -404,7 +462,10 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/out")
     p.add_argument("--json", default="dpwannier.json", help="result file name in --out")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--relax-steps", type=int, default=500)
     args = p.parse_args()
+    global RELAX_STEPS
+    RELAX_STEPS = args.relax_steps
     if args.worker is not None:
         print(json.dumps(large_worker(args.model, args.worker, args.relax_large,
                                       args.large_kpoints)))
@@ -416,7 +477,7 @@ def main() -> None:
                  "checkpoint": {k: v for k, v in getattr(calc.model, "checkpoint_meta", {})
                                 .items() if k in ("created", "data_hash", "hparams")}}
     if "heldout" not in args.skip:
-        res["heldout"] = heldout(calc, Path(args.data), out)
+        res["heldout"] = heldout(calc, Path(args.data), out, [Path(x) for x in args.unseen])
     if "twisted" not in args.skip:
         paths = [Path(x) for x in (args.twisted if args.twisted is not None
                                    else sorted(Path("tests/data").glob("*.h5")))]

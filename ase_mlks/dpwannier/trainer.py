@@ -242,7 +242,8 @@ class DPWannierTrainer:
         self.model.hparams.update(values)
         self.model.min_distance = values["min_distance"]
 
-    def _trainer(self, stage: int, epochs: int, lr: float, batch_size: int, **kw) -> Trainer:
+    def _trainer(self, stage: int, epochs: int, lr: float, batch_size: int,
+                 lr_patience: int = 8, patience: int = 40, **kw) -> Trainer:
         _freeze(self.model, stage)
         params = ff_parameters(self.model) if stage == 1 else h_parameters(self.model)
         loss = force_field_loss if stage == 1 else hamiltonian_loss
@@ -256,17 +257,20 @@ class DPWannierTrainer:
                 raise AseMlksError("no training structure has a Wannier H(R): cannot fit the "
                                    "Hamiltonian heads")
         return Trainer(self.model, loss, train, val, collate_fn=collate,
+                       lr_patience=lr_patience, patience=patience,
                        batch_size=batch_size, lr=lr, max_epochs=epochs, parameters=params,
                        workdir=self.workdir / f"stage{stage}", progress=self.progress,
-                       seed=self.seed, data_hash=self.data_hash, lr_patience=8, patience=40,
+                       seed=self.seed, data_hash=self.data_hash,
                        checkpoint_extra={"stage": stage, "n_train": len(self.train_keys),
                                          "n_val": len(self.val_keys)}, **kw)
 
-    def stage1(self, epochs: int = 200, lr: float = 2e-3, batch_size: int = 4) -> list[dict]:
-        """Fit the force field on energies and forces."""
-        return self._trainer(1, epochs, lr, batch_size).fit()
+    def stage1(self, epochs: int = 200, lr: float = 2e-3, batch_size: int = 4,
+               **kw) -> list[dict]:
+        """Fit the force field on energies and forces (``kw``: lr_patience, patience)."""
+        return self._trainer(1, epochs, lr, batch_size, **kw).fit()
 
-    def stage2(self, epochs: int = 200, lr: float = 2e-3, batch_size: int = 4) -> list[dict]:
+    def stage2(self, epochs: int = 200, lr: float = 2e-3, batch_size: int = 4,
+               **kw) -> list[dict]:
         """Freeze the force field; fit the Hamiltonian heads on H(R) elements."""
         stage1_best = self.workdir / "stage1" / "best.pt"
         if stage1_best.exists() and not (self.workdir / "stage2" / "last.pt").exists():
@@ -275,7 +279,7 @@ class DPWannierTrainer:
         if not (self.workdir / "stage2" / "last.pt").exists():
             set_onsite_bias(self.model, [self.train_set[i] for i in range(len(self.train_set))
                                          if self.train_keys[i] in self.h_keys])
-        return self._trainer(2, epochs, lr, batch_size).fit()
+        return self._trainer(2, epochs, lr, batch_size, **kw).fit()
 
     def finish(self, output: str | os.PathLike) -> dict:
         """Fit the vacuum alignment, evaluate on the held-out set, save the checkpoint."""
@@ -332,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--lr1", type=float, default=2e-3)
     p.add_argument("--lr2", type=float, default=2e-3)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr-patience", type=int, default=8, help="epochs before LR halves")
+    p.add_argument("--patience", type=int, default=40, help="early-stopping epochs")
     p.add_argument("--prefix", default=None)
     p.add_argument("--max-structures", type=int, default=None)
     p.add_argument("--model-kwargs", default="{}", help="JSON of DPWannierModel arguments")
@@ -349,9 +355,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                           max_structures=args.max_structures)
     print(f"train {len(tr.train_keys)} / held-out {len(tr.val_keys)} structures")
     if args.stage in ("1", "all"):
-        tr.stage1(args.epochs1, args.lr1, args.batch_size)
+        tr.stage1(args.epochs1, args.lr1, args.batch_size, lr_patience=args.lr_patience,
+                  patience=args.patience)
     if args.stage in ("2", "all"):
-        tr.stage2(args.epochs2, args.lr2, args.batch_size)
+        tr.stage2(args.epochs2, args.lr2, args.batch_size, lr_patience=args.lr_patience,
+                  patience=args.patience)
         info = tr.finish(args.output)
         print(json.dumps({k: v for k, v in info.items() if k != "val_keys"}, indent=1))
 
