@@ -169,6 +169,8 @@ def _edge_bands(eps: np.ndarray, nocc: int, nv: int = 4, nc: int = 4) -> np.ndar
 def twisted(calc, paths: list[Path], out: Path) -> list[dict]:
     from ase.optimize import BFGS
 
+    from ase_mlks.core.errors import StructureError
+
     results = []
     for rec in _fixture_records(paths):
         atoms = rec["atoms"]
@@ -202,7 +204,10 @@ def twisted(calc, paths: list[Path], out: Path) -> list[dict]:
         z0 = atoms.positions[:, 2].copy()
         t0 = time.perf_counter()
         opt = BFGS(relaxed, logfile=None)
-        opt.run(fmax=0.01, steps=RELAX_STEPS)
+        try:
+            opt.run(fmax=0.01, steps=RELAX_STEPS)
+        except StructureError as err:  # the model drove atoms outside its training range
+            row["relax_error"] = f"after {opt.nsteps} BFGS steps: {err}"
         row.update(relax_steps=opt.nsteps, relax_s=time.perf_counter() - t0,
                    relax_max_dz_A=float(np.abs(relaxed.positions[:, 2] - z0).max()))
         if "relaxed_positions" in rec:
@@ -355,7 +360,10 @@ def large_worker(model: str, nat: int, relax: bool, nk: int = 100) -> dict:
         from ase.optimize import LBFGS
 
         opt = LBFGS(atoms, logfile=None)
-        opt.run(fmax=0.01, steps=1000)
+        try:
+            opt.run(fmax=0.01, steps=1000)
+        except Exception as err:  # e.g. StructureError: atoms pushed too close
+            row["relax_error"] = str(err)
         row.update(relax_steps=opt.nsteps, relax_s=time.perf_counter() - t0,
                    relax_fmax=float(np.linalg.norm(atoms.get_forces(), axis=1).max()))
 
