@@ -36,6 +36,7 @@ def test_roundtrip(tmp_path):
     meta = load_checkpoint(tmp_path / "m.pt")
     assert meta["data_hash"] == "sha256:abc" and meta["package_version"]
     assert not list(tmp_path.glob(".*.tmp"))  # atomic write leaves no temporaries
+    assert (tmp_path / "m.pt").stat().st_mode & 0o044  # readable by others (umask 022)
 
 
 def test_truncated_and_garbage_files_give_clear_errors(tmp_path):
