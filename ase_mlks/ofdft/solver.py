@@ -9,6 +9,8 @@ Energies in E0, densities in 1/a0^ndim on the testbed grid.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +52,20 @@ class OFDFTResult:
     latent: np.ndarray | None
     steps: int
     history: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+
+
+@contextlib.contextmanager
+def _frozen_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Switch weight gradients off (descents need dE/dz or dE/dn only: halves the backward
+    cost), and restore each parameter's flag afterwards."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
 
 
 def _as_batch(potential: np.ndarray | torch.Tensor, shape: tuple[int, ...]
@@ -95,10 +111,7 @@ def latent_descent(model: OFDFTModel, potentials: torch.Tensor, *, steps: int | 
     gamma = (lr_final / lr) ** (1.0 / max(steps - 1, 1))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma)
     history = []
-    frozen = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():  # weight gradients are not needed: halves the backward cost
-        p.requires_grad_(False)
-    try:
+    with _frozen_weights(model):
         step = 0
         for step in range(1, steps + 1):
             opt.zero_grad(set_to_none=True)
@@ -112,9 +125,6 @@ def latent_descent(model: OFDFTModel, potentials: torch.Tensor, *, steps: int | 
         with torch.no_grad():
             z = _to_z(vae, u.detach())
             e, n = model.energy(z, potentials)
-    finally:
-        for p, flag in zip(model.parameters(), frozen):
-            p.requires_grad_(flag)
     return z, e, n, step, np.asarray(history)
 
 
@@ -146,17 +156,11 @@ def _latent_lbfgs(model: OFDFTModel, potentials: torch.Tensor, u: torch.Tensor,
         total.backward()
         return total
 
-    frozen = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with _frozen_weights(model):
         opt.step(closure)
         with torch.no_grad():
             z = _to_z(vae, u.detach())
             e, n = model.energy(z, potentials)
-    finally:
-        for p, flag in zip(model.parameters(), frozen):
-            p.requires_grad_(flag)
     return z, e, n, len(history), np.asarray(history)
 
 
@@ -179,10 +183,7 @@ def density_descent(model: OFDFTModel, potentials: torch.Tensor, *, steps: int |
             model.vae.z_init.expand(b, -1)).clone()
     dims = tuple(range(1, n.ndim))
     history = []
-    frozen = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with _frozen_weights(model):
         for _ in range(steps):
             n.requires_grad_(True)
             f = model.functional(n)
@@ -195,9 +196,6 @@ def density_descent(model: OFDFTModel, potentials: torch.Tensor, *, steps: int |
                 n = (n - eta * (g - mu)).detach()
         with torch.no_grad():
             e = model.functional(n) + (potentials * n).flatten(1).sum(1) * dv
-    finally:
-        for p, flag in zip(model.parameters(), frozen):
-            p.requires_grad_(flag)
     return e, n, steps, np.asarray(history)
 
 
