@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.hamiltonian import TBHamiltonian
-from .wannier import _fold, _grid_of, _hermitian, _key, fourier_ws
+from .wannier import _grid_of, _hermitian, complete_by_time_reversal, fourier_ws
 
 __all__ = ["ao_labels", "ao_hamiltonian"]
 
@@ -44,24 +44,12 @@ def ao_hamiltonian(calc, atoms=None, threshold: float = 1e-5) -> TBHamiltonian:
     H_kMM = H_skMM[0]
     kpts = np.array(calc.get_ibz_k_points())
     grid = _grid_of(np.array(calc.get_bz_k_points()))
-    ks, Hs, Ss = [], [], []
-    have = set()
-    for k, H, S in zip(kpts, H_kMM, S_kMM):
-        H, S = _hermitian(H), _hermitian(S)
-        ks.append(k)
-        Hs.append(H)
-        Ss.append(S)
-        have.add(_key(k, grid))
-    for k, H, S in list(zip(ks, Hs, Ss)):
-        mk = _fold(-k)
-        if _key(mk, grid) not in have:
-            have.add(_key(mk, grid))
-            ks.append(mk)
-            Hs.append(H.conj())
-            Ss.append(S.conj())
-    if len(ks) != int(np.prod(grid)):
-        raise RuntimeError(f"k-grid {grid} incomplete ({len(ks)} points): use a Gamma-centred "
-                           "grid without point-group symmetry")
+    H_ibz = [_hermitian(H) for H in H_kMM]
+    S_ibz = [_hermitian(S) for S in S_kMM]
+    full = complete_by_time_reversal(kpts, grid)
+    ks = [k for k, _, _ in full]
+    Hs = [H_ibz[i].conj() if c else H_ibz[i] for _, i, c in full]
+    Ss = [S_ibz[i].conj() if c else S_ibz[i] for _, i, c in full]
     orb_atoms, labels = ao_labels(calc.dft.setups)
     pos = atoms.positions[orb_atoms]
     ks = np.array(ks)

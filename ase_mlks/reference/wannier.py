@@ -170,7 +170,6 @@ def bloch_data(calc) -> BlochData:
     """
     dft = calc.dft
     ibz = dft.ibzwfs
-    kd = ibz.ibz.bz if hasattr(ibz, "ibz") else None
     kpts, eigs, Cs, Ss = [], [], [], []
     for wfs in ibz:
         if wfs.spin != 0:
@@ -185,22 +184,30 @@ def bloch_data(calc) -> BlochData:
         Ss.append(S)
     bz = calc.get_bz_k_points()
     grid = _grid_of(bz)
-    full_k, full_e, full_C, full_S = list(kpts), list(eigs), list(Cs), list(Ss)
+    full = complete_by_time_reversal(kpts, grid)
+    return BlochData(np.array([k for k, _, _ in full]),
+                     np.array([eigs[i] for _, i, _ in full]),
+                     np.array([Cs[i].conj() if c else Cs[i] for _, i, c in full]),
+                     np.array([Ss[i].conj() if c else Ss[i] for _, i, c in full]), grid)
+
+
+def complete_by_time_reversal(kpts, grid) -> list[tuple[np.ndarray, int, bool]]:
+    """The full Γ-centred ``grid`` from irreducible ``kpts`` using X(-k) = conj(X(k)).
+
+    Returns (k, index into ``kpts``, conjugate?) for every grid point: the given points
+    first, then each missing -k. RuntimeError if point-group symmetry left gaps.
+    """
+    full = [(np.asarray(k), i, False) for i, k in enumerate(kpts)]
     have = {_key(k, grid) for k in kpts}
-    for k, e, C, S in zip(kpts, eigs, Cs, Ss):
-        mk = _fold(-k)
+    for i, k in enumerate(kpts):
+        mk = _fold(-np.asarray(k))
         if _key(mk, grid) not in have:
             have.add(_key(mk, grid))
-            full_k.append(mk)
-            full_e.append(e)
-            full_C.append(C.conj())
-            full_S.append(S.conj())
-    if len(full_k) != int(np.prod(grid)):
-        raise RuntimeError(f"k-grid {grid} incomplete after time reversal: {len(full_k)} "
+            full.append((mk, i, True))
+    if len(full) != int(np.prod(grid)):
+        raise RuntimeError(f"k-grid {grid} incomplete after time reversal: {len(full)} "
                            "points; use a Gamma-centred grid without point-group symmetry")
-    del kd
-    return BlochData(np.array(full_k), np.array(full_e), np.array(full_C), np.array(full_S),
-                     grid)
+    return full
 
 
 def _fold(k):
