@@ -82,3 +82,29 @@ def test_ibz_and_full_mesh_give_same_band_energy(sheet):
     e_full = sheet.get_potential_energy()
     sheet.calc = ibz
     assert sheet.get_potential_energy() == pytest.approx(e_full, abs=1e-9)
+
+
+def test_large_cells_use_gamma_midgap_and_bands_near_the_fermi_level(monkeypatch):
+    """Above DENSE_LIMIT orbitals: Fermi level from the Γ gap, 20 bands by shift-invert."""
+    import ase_mlks.core.calculator as calculator_module
+    import ase_mlks.core.hamiltonian as hamiltonian_module
+
+    monkeypatch.setattr(calculator_module, "DENSE_LIMIT", 100)
+    monkeypatch.setattr(hamiltonian_module, "DENSE_LIMIT", 100)
+    atoms = graphene(a=2.46, vacuum=5.0).repeat((8, 8, 1))  # 128 orbitals; K not folded to Γ
+    atoms.pbc = (True, True, False)
+    rng = np.random.default_rng(0)
+    atoms.calc = PzTightBindingCalc(t=-2.7, cutoff=1.6,
+                                    onsite=np.where(np.arange(len(atoms)) % 2, 0.5, -0.5)
+                                    + rng.normal(0, 0.01, len(atoms)))
+    ham = atoms.calc.get_hamiltonian(atoms)
+    eg = np.linalg.eigvalsh(ham.hk(np.zeros(3)))
+    nocc = len(atoms) // 2
+    assert atoms.calc.get_fermi_level() == pytest.approx(0.5 * (eg[nocc - 1] + eg[nocc]))
+    path = atoms.cell.bandpath("GMKG", npoints=5, pbc=atoms.pbc)
+    bs = atoms.calc.band_structure(path)
+    assert bs.energies.shape == (1, 5, calculator_module.LARGE_CELL_NBANDS)
+    full = ham.eigenvalues(path.kpts)
+    for e_near, e_all in zip(bs.energies[0], full):
+        ref = np.sort(e_all[np.argsort(np.abs(e_all - bs.reference))[:20]])
+        np.testing.assert_allclose(e_near, ref, atol=1e-8)

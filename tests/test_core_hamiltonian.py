@@ -3,6 +3,7 @@
 import h5py
 import numpy as np
 import pytest
+import scipy.linalg
 from ase import Atoms
 from ase.build import graphene
 
@@ -81,6 +82,21 @@ def test_sparse_and_dense_eigenvalues_agree_on_1000_plus_orbitals():
     dense = ham.eigenvalues(k, nbands=12, sigma=0.3, solver="dense")
     sparse = ham.eigenvalues(k, nbands=12, sigma=0.3, solver="sparse")
     np.testing.assert_allclose(sparse, dense, atol=1e-8, rtol=0)
+    shift_invert = ham.eigenvalues(k, nbands=12, sigma=0.3, solver="shift-invert")
+    np.testing.assert_allclose(shift_invert, dense, atol=1e-8, rtol=0)
+    # below DENSE_LIMIT 'auto' diagonalizes densely; graphene's nearest-neighbour H(k) is
+    # sparse, so a larger sheet would be factorized sparsely
+    assert ham.choose_solver(12, 0.3) == "dense" and ham.pair_fill() < 0.01
+
+
+def test_dense_shift_invert_chosen_for_long_range_large_cells():
+    """A long-range H(k) fills a sparse LU; 'auto' picks the dense factorization there."""
+    rng = np.random.default_rng(4)
+    n = 3100  # above DENSE_LIMIT
+    ham = TBHamiltonian.from_coo(np.eye(3) * 10, n, np.zeros((n * 400, 3), int),
+                                 np.repeat(np.arange(n), 400), rng.integers(0, n, n * 400),
+                                 rng.normal(size=n * 400), pbc=(0, 0, 0))
+    assert ham.pair_fill() > 0.1 and ham.choose_solver(6, 0.1) == "shift-invert"
 
 
 def test_generalized_problem_with_overlap():
@@ -90,11 +106,12 @@ def test_generalized_problem_with_overlap():
     b = rng.normal(size=(4, 4)) * 0.1
     S = (np.eye(4) + (b + b.T) / 2)[None]
     ham = TBHamiltonian.from_dense(np.eye(3) * 10, [(0, 0, 0)], H, S, pbc=(0, 0, 0))
-    import scipy.linalg
     ref = scipy.linalg.eigh(H[0], S[0], eigvals_only=True)
     np.testing.assert_allclose(ham.eigenvalues([[0, 0, 0]])[0], ref, atol=1e-12)
     np.testing.assert_allclose(ham.eigenvalues([[0, 0, 0]], nbands=2, sigma=(ref[1] + ref[2]) / 2,
                                                solver="sparse")[0], ref[1:3], atol=1e-10)
+    np.testing.assert_allclose(ham.eigenvalues([[0, 0, 0]], nbands=2, sigma=(ref[1] + ref[2]) / 2,
+                                               solver="shift-invert")[0], ref[1:3], atol=1e-10)
 
 
 def test_hdf5_roundtrip_float32(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
@@ -26,10 +27,11 @@ from ase.spectrum.band_structure import BandStructure
 from .checkpoint import CheckpointMixin
 from .electrons import density_of_states, fermi_level
 from .errors import AseMlksError, StructureError
-from .hamiltonian import TBHamiltonian, monkhorst_pack_gamma
+from .hamiltonian import DENSE_LIMIT, TBHamiltonian, monkhorst_pack_gamma
 from .symmetry import irreducible_kpoints
 
 K_PARAMETERS = {"kpts", "nbands", "sigma", "width"}
+LARGE_CELL_NBANDS = 20  # bands nearest the Fermi level in large-cell band structures
 
 
 class MLCalculator(Calculator):
@@ -187,12 +189,17 @@ class HamiltonianCalculator(MLCalculator):
         """Fermi level (eV) from the electron count with Fermi–Dirac smearing ``width``.
 
         Needs all bands: computed on the ``kpts`` mesh (or a 6x6 mesh of the periodic
-        directions when ``kpts`` is a band path) with the dense solver.
+        directions when ``kpts`` is a band path) with the dense solver. Cells above
+        ``DENSE_LIMIT`` orbitals (moiré supercells, insulators): the middle of the Γ-point
+        gap, :func:`gamma_midgap` — one partial diagonalization instead of a k-mesh of full ones.
         """
         if "fermi_level" not in self._electronic:
             ham = self.get_hamiltonian()
             if ham.nelectrons is None:
                 raise AseMlksError("the model's Hamiltonian does not state its electron count")
+            if ham.norb > DENSE_LIMIT:
+                self._electronic["fermi_level"] = gamma_midgap(ham)
+                return self._electronic["fermi_level"]
             kpts = self.parameters.get("kpts")
             if isinstance(kpts, BandPath) or np.asarray(kpts).ndim == 2:
                 k = monkhorst_pack_gamma(np.where(self.atoms.pbc, 6, 1))
@@ -210,7 +217,8 @@ class HamiltonianCalculator(MLCalculator):
         """Band structure along ``path`` (a ``BandPath``, or a special-point string such as
         'GMKG' for ``atoms.cell.bandpath``); defaults to the ``kpts`` parameter if that is a
         path. With ``nbands`` only the bands nearest ``sigma`` (default: Fermi level) are
-        computed, by the sparse solver for large cells. Energies in eV on the model's absolute
+        computed, by a shift-invert solver for large cells (above ``DENSE_LIMIT`` orbitals
+        ``nbands`` defaults to ``LARGE_CELL_NBANDS``). Energies in eV on the model's absolute
         scale; ``reference`` (default Fermi level) is what ``plot`` puts at zero.
         """
         ham = self.get_hamiltonian()
@@ -222,6 +230,8 @@ class HamiltonianCalculator(MLCalculator):
             path = self.atoms.cell.bandpath(path, npoints=npoints, pbc=self.atoms.pbc)
         if reference is None:
             reference = self.get_fermi_level() if ham.nelectrons is not None else 0.0
+        if nbands is None and ham.norb > DENSE_LIMIT:
+            nbands = LARGE_CELL_NBANDS
         if nbands is not None and sigma is None:
             sigma = reference
         eps = ham.eigenvalues(path.kpts, nbands=nbands, sigma=sigma)
@@ -244,3 +254,21 @@ class HamiltonianCalculator(MLCalculator):
         eps = self._spectrum()["eigenvalues"]
         nocc = int(round(ham.nelectrons)) // 2
         return float(eps[:, nocc - 1].max()), float(eps[:, nocc].min())
+
+
+def gamma_midgap(ham: TBHamiltonian) -> float:
+    """Middle (eV) between the highest occupied and lowest empty Γ-point levels.
+
+    Only the two levels are computed (LAPACK ``evr`` on the subset): for a real H(R), H(Γ)
+    is real symmetric, which halves the work again.
+    """
+    hk = ham.hk(np.zeros(3))
+    if ham.s is None and np.abs(hk.imag).max() < 1e-12:
+        hk = hk.real
+    nocc = int(round(ham.nelectrons / 2))
+    if not 0 < nocc < ham.norb:
+        raise AseMlksError(f"{ham.nelectrons} electrons in {ham.norb} orbitals: no gap")
+    s = None if ham.s is None else ham.sk(np.zeros(3))
+    e = scipy.linalg.eigh(hk, s, eigvals_only=True, subset_by_index=[nocc - 1, nocc],
+                          driver="evr" if s is None else "gvx")
+    return float(0.5 * (e[0] + e[1]))

@@ -6,8 +6,11 @@ orbital-position phase: eigenvalues do not depend on that choice). Hermiticity r
 ``H_ji(-R) = conj(H_ij(R))``.
 
 Storage is sparse (COO over all R), so the same object serves a 10-orbital primitive cell
-and a 16,000-orbital moiré cell: dense ``eigh`` for the former, shift-invert ``eigsh`` near
-a chosen energy for the latter.
+and a 16,000-orbital moiré cell: dense ``eigh`` for the former, shift-invert Lanczos
+(``eigsh``) near a chosen energy for the latter. The shift-invert inverse comes from a sparse
+LU when H(k) is sparse enough, else from a dense Bunch–Kaufman factorization (LAPACK
+``zhetrf``): a moiré H(k) with a 9 Å hopping range couples each orbital to ~20 % of the
+cell, and a sparse LU of it fills in completely and is slower than the dense one.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from .errors import AseMlksError
 from .io import read_array, write_array
 
 DENSE_LIMIT = 3000  # orbitals; above this, full dense diagonalization is refused unless forced
+# Fraction of nonzero (i, j) orbital pairs above which shift-invert factorizes H(k) densely.
+SPARSE_FILL_LIMIT = 0.03
 
 
 class TBHamiltonian:
@@ -200,6 +205,39 @@ class TBHamiltonian:
                 sel = np.sort(np.argsort(np.abs(e - sigma), kind="stable")[:nbands])
             e, v = e[sel], v[:, sel]
         return e, v
+
+    def pair_fill(self) -> float:
+        """Fraction of the norb² orbital pairs (i, j) coupled by some H_ij(R)."""
+        pairs = np.unique(self.rows * self.norb + self.cols)
+        return len(pairs) / float(self.norb) ** 2
+
+    def choose_solver(self, nbands: int | None, sigma: float | None) -> str:
+        """The solver 'auto' uses for these arguments (see ``eigenvalues``)."""
+        if sigma is None or nbands is None or self.norb <= DENSE_LIMIT:
+            return "dense"
+        return "sparse" if self.pair_fill() < SPARSE_FILL_LIMIT else "shift-invert"
+
+    def _eig_shift_invert(self, k, nbands, sigma):
+        H = self.hk(k)
+        S = None if self.s is None else self.sk(k)
+        A = H - sigma * (np.eye(self.norb) if S is None else S)
+        # Bunch–Kaufman LDL^H: half the flops of LU for a Hermitian matrix. LAPACK's
+        # blocked algorithm needs the workspace query, or it falls back to unblocked code.
+        lwork = int(scipy.linalg.lapack.zhetrf_lwork(self.norb, lower=1)[0].real)
+        ldl, ipiv, info = scipy.linalg.lapack.zhetrf(A, lower=1, lwork=max(lwork, 1),
+                                                     overwrite_a=True)
+        if info > 0:
+            raise AseMlksError(f"H(k) - sigma is singular: sigma = {sigma} eV is an "
+                               "eigenvalue; shift it slightly")
+
+        def solve(x):
+            out, _ = scipy.linalg.lapack.zhetrs(ldl, ipiv, np.asarray(x, complex), lower=1)
+            return out
+
+        op = spla.LinearOperator(H.shape, matvec=solve, matmat=solve, dtype=complex)
+        e, v = spla.eigsh(H, k=nbands, M=S, sigma=sigma, OPinv=op, which="LM", tol=1e-12)
+        order = np.argsort(e)
+        return e[order], v[:, order]
 
     def _eig_sparse(self, k, nbands, sigma):
         H = self.hk(k, sparse=True).tocsc()

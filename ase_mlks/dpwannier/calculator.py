@@ -12,17 +12,13 @@ forces and stress; Wannier H(R) in the Mo 4d + S 3p basis with energies vs the v
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
-import scipy.sparse.linalg as spla
 import torch
 from ase import Atoms
 from ase.calculators.calculator import all_changes
-from ase.dft.kpoints import BandPath
-from ase.spectrum.band_structure import BandStructure
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from ase_mlks.core.calculator import HamiltonianCalculator
-from ase_mlks.core.hamiltonian import DENSE_LIMIT, TBHamiltonian
+from ase_mlks.core.hamiltonian import TBHamiltonian
 
 from .graph import DPGraph, check_structure, structure_graph
 from .model import DPWannierModel
@@ -130,63 +126,8 @@ class DPWannierCalc(HamiltonianCalculator):
             np.concatenate(cols), np.concatenate(vals),
             orbital_atoms=np.repeat(idx, norb), nelectrons=nel, pbc=atoms.pbc)
 
-    def get_fermi_level(self) -> float:
-        """Fermi level (eV). Small cells: smeared count on a k-mesh (core). Cells above
-        ``DENSE_LIMIT`` orbitals: the middle of the Γ-point gap from one real symmetric
-        diagonalization of the states around the highest occupied one."""
-        ham = self.get_hamiltonian()
-        if ham.norb <= DENSE_LIMIT:
-            return super().get_fermi_level()
-        if "fermi_level" not in self._electronic:
-            hk = ham.hk(np.zeros(3)).real  # H(R) real -> H(Γ) real symmetric
-            nocc = int(round(ham.nelectrons / 2))
-            e = scipy.linalg.eigh(hk, eigvals_only=True, subset_by_index=[nocc - 1, nocc],
-                                  driver="evr")
-            self._electronic["fermi_level"] = float(0.5 * (e[0] + e[1]))
-        return self._electronic["fermi_level"]
-
-    def band_structure(self, path: BandPath | str | None = None, npoints: int = 100,
-                       nbands: int | None = None, sigma: float | None = None,
-                       reference: float | None = None) -> BandStructure:
-        """Band structure along ``path`` (see ``HamiltonianCalculator.band_structure``).
-
-        Cells above ``DENSE_LIMIT`` orbitals get the ``nbands`` (default 20) states nearest
-        ``sigma`` (default: the Fermi level) from :func:`eigenvalues_near`.
-        """
-        ham = self.get_hamiltonian()
-        if ham.norb <= DENSE_LIMIT:
-            return super().band_structure(path, npoints, nbands, sigma, reference)
-        if path is None:
-            path = self.parameters.get("kpts")
-        elif isinstance(path, str):
-            path = self.atoms.cell.bandpath(path, npoints=npoints, pbc=self.atoms.pbc)
-        if not isinstance(path, BandPath):
-            raise TypeError("give a BandPath (or a special-point string) for the bands")
-        if reference is None:
-            reference = self.get_fermi_level()
-        sigma = reference if sigma is None else sigma
-        eps = eigenvalues_near(ham, path.kpts, nbands or 20, sigma)
-        return BandStructure(path=path, energies=eps[None], reference=reference)
-
 
 def eigenvalues_near(ham: TBHamiltonian, kpts, nbands: int, sigma: float) -> np.ndarray:
-    """The ``nbands`` eigenvalues nearest ``sigma`` (eV) at each k, shape (nk, nbands).
-
-    Shift-invert Lanczos whose inverse comes from a dense LU factorization (LAPACK
-    zgetrf, blocked): a moiré cell's H(k) couples every atom to ~100 neighbours, so a
-    sparse LU fills in almost completely and is slower than the dense one; the Lanczos
-    iterations then only back-substitute.
-    """
-    out = []
-    for k in np.atleast_2d(kpts):
-        hk = ham.hk(k)
-        lu = scipy.linalg.lu_factor(hk - sigma * np.eye(ham.norb), check_finite=False)
-
-        def solve(x, lu=lu):
-            return scipy.linalg.lu_solve(lu, x, check_finite=False)
-
-        op = spla.LinearOperator(hk.shape, matvec=solve, matmat=solve, dtype=complex)
-        e = spla.eigsh(hk, k=nbands, sigma=sigma, OPinv=op, which="LM",
-                       return_eigenvectors=False, tol=1e-10)
-        out.append(np.sort(e.real))
-    return np.array(out)
+    """The ``nbands`` eigenvalues nearest ``sigma`` (eV) at each k, shape (nk, nbands), by
+    the core's dense-factorization shift-invert solver (``TBHamiltonian.eigenvalues``)."""
+    return ham.eigenvalues(kpts, nbands=nbands, sigma=sigma, solver="shift-invert")

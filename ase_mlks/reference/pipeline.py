@@ -239,6 +239,8 @@ def run_dataset(path: str | os.PathLike, items: Iterable[tuple[str, Atoms]],
 
     done = existing_keys(path)
     todo = [(k, a) for k, a in items if k not in done]
+    if txtdir is not None:
+        Path(txtdir).mkdir(parents=True, exist_ok=True)
     rank = _mpi_rank()
     meta_common = {"settings": settings.todict(), "options": options.todict(),
                    "versions": versions(), "command": command}
