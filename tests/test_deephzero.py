@@ -147,6 +147,24 @@ def test_unknown_element_is_named(model):
         build_graph([molecule("NH3")], model.cutoff, model.species)
 
 
+def test_learning_rate_decays_on_a_plateau_of_negative_energies():
+    """The unsupervised loss is a total energy (< 0): a loss that stops improving must halve
+    the rate; PyTorch's relative threshold alone counts slightly worse energies as better."""
+    from ase_mlks.deephzero.trainer import _absolute_plateau
+
+    def final_lr(fix: bool) -> float:
+        opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-2)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2)
+        if fix:
+            _absolute_plateau(sched)
+        for step in range(8):  # -76.26 Ha, then 1 mHa worse and flat
+            sched.step(-76.26 if step == 0 else -76.259)
+        return opt.param_groups[0]["lr"]
+
+    assert final_lr(fix=False) == pytest.approx(1e-2)  # the failure being worked around
+    assert final_lr(fix=True) < 1e-2 / 3
+
+
 # -- engine -----------------------------------------------------------------------------
 pyscf = pytest.importorskip("pyscf")
 

@@ -151,8 +151,14 @@ def train(system: str, mode: str, workdir: str | Path, *, n_train: int = 60, see
           epochs: int = 300, lr: float = 3e-3, batch_size: int = 10, sc_weight: float = 1.0,
           model: DeepHE3 | None = None, with_labels: bool = False, progress: bool = True,
           patience: int = 40, model_kwargs: dict | None = None, refresh_every: int = 1,
-          anderson: int = 0) -> tuple[DeepHE3, list[dict]]:
-    """Train on ``n_train`` generated structures of ``system``; returns (model, history)."""
+          anderson: int = 0, lr_patience: int = 10, set_lr: float | None = None
+          ) -> tuple[DeepHE3, list[dict]]:
+    """Train on ``n_train`` generated structures of ``system``; returns (model, history).
+
+    ``set_lr`` overrides the learning rate restored from ``workdir/last.pt`` (a resumed run
+    otherwise keeps the optimizer's saved rate); the rate is halved after ``lr_patience``
+    epochs without a lower loss.
+    """
     gen, eng_kw, sigma, _ = SYSTEMS[system]
     structures = gen(n_train, seed=seed)
     workdir = Path(workdir)
@@ -167,14 +173,31 @@ def train(system: str, mode: str, workdir: str | Path, *, n_train: int = 60, see
                          labels=labels, refresh_every=refresh_every, anderson=anderson)
     data_hash = hash_arrays(*[a.positions for a in structures])
     trainer = Trainer(model, loss, _Indices(len(structures)), None, batch_size=batch_size,
-                      lr=lr, max_epochs=epochs, patience=patience, lr_patience=10,
+                      lr=lr, max_epochs=epochs, patience=patience, lr_patience=lr_patience,
                       lr_factor=0.5, min_lr=1e-5, workdir=workdir, seed=seed,
                       progress=progress, data_hash=data_hash,
                       checkpoint_extra={"system": system, "mode": mode, "n_train": n_train,
                                         "seed": seed, "sigma": sigma, "sc_weight": sc_weight,
                                         "refresh_every": refresh_every, "anderson": anderson})
+    _absolute_plateau(trainer.scheduler)
+    if set_lr is not None:
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = set_lr
     history = trainer.fit()
     return trainer.model, history
+
+
+def _absolute_plateau(scheduler, threshold_ha: float = 1e-6) -> None:
+    """Make ReduceLROnPlateau compare losses in absolute terms.
+
+    The unsupervised loss is a negative total energy (~ -76 Ha for water); PyTorch's default
+    relative test ``loss < best * (1 - 1e-4)`` then accepts any loss up to 7.6 mHa *worse*
+    than the best as an improvement, so the rate never decays (measured: 60 epochs at the
+    initial rate). Set after the Trainer has restored a resumed scheduler state.
+    """
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.threshold_mode = "abs"
+        scheduler.threshold = threshold_ha
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -197,12 +220,20 @@ def main(argv: list[str] | None = None) -> None:
                    help="call the DFT engine for a structure every k epochs; F frozen between")
     p.add_argument("--anderson", type=int, default=0,
                    help="Anderson/DIIS history of the refreshed Kohn-Sham targets (0 = off)")
+    p.add_argument("--patience", type=int, default=40,
+                   help="stop after this many epochs without a lower loss")
+    p.add_argument("--lr-patience", type=int, default=10,
+                   help="halve the learning rate after this many epochs without a lower loss")
+    p.add_argument("--set-lr", type=float, default=None,
+                   help="override the learning rate of a resumed run (workdir/last.pt)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     common = {"n_train": args.n_train, "seed": args.seed, "lr": args.lr,
-              "batch_size": args.batch_size, "sc_weight": args.sc_weight}
-    unsup = {"refresh_every": args.refresh_every, "anderson": args.anderson}
+              "batch_size": args.batch_size, "sc_weight": args.sc_weight,
+              "patience": args.patience, "lr_patience": args.lr_patience}
+    unsup = {"refresh_every": args.refresh_every, "anderson": args.anderson,
+             "set_lr": args.set_lr}
     if args.mode == "finetune":
         model, _ = train(args.system, "supervised", Path(args.workdir) / "pretrain",
                          epochs=args.pretrain_epochs, **common)
