@@ -264,11 +264,19 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     models = args.models or args.testbeds
     report = {"testbeds": {}, "threads": args.threads}
+    suffix = "_val" if args.val else ""
+    path = out / f"ofdft{suffix}.json"
+
+    def save() -> None:
+        # after every section, so a run stopped part-way keeps what it measured
+        path.write_text(json.dumps(report, indent=1))
+
     for name, ref in zip(args.testbeds, models):
         report["testbeds"][name] = evaluate_testbed(
             name, ref, args.n_test, Path(args.workdir), out, args.steps, args.lr, args.batch,
             args.val, args.lbfgs_steps)
         _print_table(report["testbeds"][name])
+        save()
     if args.speed_grids and "gauss3d" in args.testbeds:
         ref = models[args.testbeds.index("gauss3d")]
         report["speed_3d"] = speed(ref, args.speed_grids, args.speed_steps)
@@ -277,6 +285,7 @@ def main() -> None:
         for grid, s in report["speed_3d"].items():
             print(f"  {grid:>6} | {s['exact_eigsh_s']:10.3f} | {s['latent_descent_s']:10.3f} | "
                   f"{s['ratio_latent_over_exact']:.2f}")
+        save()
     if args.beta_scan:
         print("\nreconstruction error vs beta:")
         report["beta_scan"] = {name: beta_scan(name, args.betas, args.scan_train,
@@ -284,9 +293,7 @@ def main() -> None:
                                                Path(args.workdir), out)
                                for name in args.beta_scan}
         _plot_beta(report["beta_scan"], out / "ofdft_beta_scan.png")
-    suffix = "_val" if args.val else ""
-    path = out / f"ofdft{suffix}.json"
-    path.write_text(json.dumps(report, indent=1))
+    save()
     print(f"\nwrote {path}")
 
 
