@@ -48,18 +48,29 @@ class Material:
     formula: chemical formula as ase.build.mx2/graphene take it; kind: '2H', '1T' (mx2)
     or 'planar' (graphene-like); a: lattice constant (Å); thickness: vertical X-X distance
     (Å, 0 for planar); interlayer: equilibrium vertical distance between the metal (or
-    first-atom) planes of an AA/AA'-stacked bilayer (Å).
+    first-atom) planes of an AA/AA'-stacked bilayer (Å; None for monolayer-only entries,
+    whose bilayers need an explicit distance).
     """
 
     formula: str
     kind: str
     a: float
     thickness: float
-    interlayer: float
+    interlayer: float | None = None
+
+    def interlayer_distance(self, interlayer: float | None = None) -> float:
+        """``interlayer`` if given, else the material's equilibrium value (Å)."""
+        if interlayer is not None:
+            return float(interlayer)
+        if self.interlayer is None:
+            raise StructureError(f"no equilibrium interlayer distance known for "
+                                 f"{self.formula} (monolayer-only entry); pass interlayer=")
+        return self.interlayer
 
 
 # Approximate PBE lattice constants and thicknesses (C2DB-like values; the structures are
 # starting points, not relaxed minima) and PBE-D3 interlayer distances of the bulk phases.
+# The entries without an interlayer distance are monolayer-only (GW model's KS data set).
 MATERIALS: dict[str, Material] = {
     m.formula: m
     for m in (
@@ -71,6 +82,15 @@ MATERIALS: dict[str, Material] = {
         Material("CrS2", "2H", 3.040, 2.94, 6.00),
         Material("BN", "planar", 2.510, 0.0, 3.33),
         Material("C2", "planar", 2.467, 0.0, 3.35),
+        Material("WTe2", "2H", 3.55, 3.60),
+        Material("CrSe2", "2H", 3.21, 3.17),
+        Material("NbS2", "2H", 3.36, 3.13),
+        Material("NbSe2", "2H", 3.47, 3.36),
+        Material("TiS2", "1T", 3.41, 2.85),
+        Material("ZrS2", "1T", 3.69, 2.91),
+        Material("HfS2", "1T", 3.64, 2.88),
+        Material("SnS2", "1T", 3.70, 2.96),
+        Material("PtS2", "1T", 3.57, 2.47),
     )
 }
 ALIASES = {"hBN": "BN", "hbn": "BN", "graphene": "C2", "C": "C2"}
@@ -147,7 +167,7 @@ def bilayer(material: str | Material = "MoS2", size: tuple[int, int] = (1, 1),
     mat = get_material(material)
     if stacking not in ("AA", "AA'"):
         raise StructureError(f"stacking must be 'AA' or \"AA'\", got {stacking!r}")
-    d = mat.interlayer if interlayer is None else float(interlayer)
+    d = mat.interlayer_distance(interlayer)
     if d < mat.thickness + 1.0:
         raise StructureError(f"interlayer distance {d:.2f} Å puts the layers into each other "
                              f"(layer thickness {mat.thickness:.2f} Å)")
@@ -182,7 +202,7 @@ def bilayer_configuration(rng: np.random.Generator, material: str | Material = "
     """
     mat = get_material(material)
     shift = rng.uniform(0.0, 1.0, size=2)
-    d = mat.interlayer + rng.uniform(*gap_range)
+    d = mat.interlayer_distance() + rng.uniform(*gap_range)
     atoms = bilayer(mat, size=size, stacking=stacking, shift=tuple(shift), interlayer=d,
                     vacuum=vacuum)
     std = rattle_std if rng.uniform() < rattle_probability else 0.0
@@ -276,7 +296,7 @@ def twisted_bilayer_from_vectors(material: str | Material, v1: tuple[int, int],
     info = _twist_info(mat, v1, v2)
     if abs(info.angle) < 1e-8:
         raise StructureError(f"vectors {v1} and {v2} give no twist (angle 0)")
-    d = mat.interlayer if interlayer is None else float(interlayer)
+    d = mat.interlayer_distance(interlayer)
     bottom = _flat_layer(mat)
     top = bottom.copy()
     if stacking == "AA'":

@@ -24,6 +24,7 @@ from ase.spectrum.band_structure import BandStructure
 
 from ase_mlks.core.calculator import MLCalculator
 from ase_mlks.core.errors import AseMlksError
+from ase_mlks.reference.kohnsham import non_scf
 
 from .data import GridSpec, check_slab, density_grid, state_moduli, super_states
 from .model import GWModel
@@ -81,8 +82,7 @@ def context_calculator(calc):
     if _on_context_grid(calc, CONTEXT_KMESH) and calc.get_number_of_bands() >= nb_needed:
         return calc
     kpts = {"size": (CONTEXT_KMESH, CONTEXT_KMESH, 1), "gamma": True}
-    return calc.fixed_density(kpts=kpts, nbands=nb_needed + 4,
-                              convergence={"bands": nb_needed}, txt=None)
+    return non_scf(calc, kpts, nbands=nb_needed + 4, converge_bands=nb_needed, symmetry=None)
 
 
 class GWCorrection:
@@ -176,8 +176,7 @@ class GWCorrection:
         if not isinstance(path, BandPath):
             path = atoms.cell.bandpath(path, npoints=npoints, pbc=[True, True, False])
         nbands = nbands or _nocc(calc) + 8
-        return calc.fixed_density(kpts=path, symmetry="off", nbands=nbands + 4,
-                                  convergence={"bands": nbands}, txt=None), path
+        return non_scf(calc, path, nbands=nbands + 4, converge_bands=nbands), path
 
     def band_structure(self, calc, path: str | BandPath = "GMKG", npoints: int = 80,
                        bands: tuple[int, int] | None = None) -> BandStructure:

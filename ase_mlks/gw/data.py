@@ -33,6 +33,13 @@ from ase import Atoms
 
 from ase_mlks.core.errors import StructureError
 from ase_mlks.core.io import atomic_path, read_array, write_array
+from ase_mlks.reference.kohnsham import (
+    non_scf,
+    pseudo_density,
+    pw_ground_state,
+    wavefunction_moduli,
+)
+from ase_mlks.structures import monolayer
 
 NZ = 40  # z-slices = input channels of the first convolution (Table 1: 115,520 = 320*(9*40+1))
 Z_WINDOW = 10.0  # Å of the vacuum direction kept around the layer centre
@@ -137,16 +144,9 @@ def state_moduli(calc, bands: Sequence[int], spec: GridSpec | None = None,
     spec = spec or GridSpec()
     atoms = calc.get_atoms()
     check_slab(atoms)
-    ns = calc.get_number_of_spins()
-    kidx = range(len(calc.get_ibz_k_points())) if kpt_indices is None else kpt_indices
-    out = []
-    for s in range(ns):
-        per_k = []
-        for k in kidx:
-            per_k.append([spec.apply(np.abs(calc.get_pseudo_wave_function(band=int(n), kpt=k,
-                                                                          spin=s)), atoms)
-                          for n in bands])
-        out.append(per_k)
+    out = [[[spec.apply(m, atoms) for m in per_k]
+            for per_k in wavefunction_moduli(calc, bands, kpt_indices, half_width=None, spin=s)]
+           for s in range(calc.get_number_of_spins())]
     return np.asarray(out, dtype=np.float32)
 
 
@@ -173,15 +173,15 @@ def super_states(calc, spec: GridSpec | None = None, edges: Sequence[float] = SU
     acc = None
     energy = np.zeros(nsup)
     count = np.zeros(nsup)
-    ns, nk, nb = eps.shape
+    ns, nk, _ = eps.shape
     for s in range(ns):
         for k in range(nk):
-            for n in range(nb):
-                i = np.searchsorted(edges, eps[s, k, n], side="right") - 1
-                if not 0 <= i < nsup:
-                    continue
-                g = spec.apply(np.abs(calc.get_pseudo_wave_function(band=n, kpt=k, spin=s)) ** 2,
-                               atoms)
+            slice_of = np.searchsorted(edges, eps[s, k], side="right") - 1
+            bands = np.flatnonzero((slice_of >= 0) & (slice_of < nsup))
+            moduli = wavefunction_moduli(calc, bands, [k], half_width=None, spin=s)[0]
+            for n, m in zip(bands, moduli):
+                g = spec.apply(m.astype(np.float64) ** 2, atoms)
+                i = slice_of[n]
                 if acc is None:
                     acc = np.zeros((nsup,) + g.shape)
                 acc[i] += weights[k] * g
@@ -197,7 +197,7 @@ def super_states(calc, spec: GridSpec | None = None, edges: Sequence[float] = SU
 def density_grid(calc, spec: GridSpec | None = None) -> np.ndarray:
     """Pseudo valence density (both spins) on the window grid, (nz, n1, n2), Å^-3."""
     spec = spec or GridSpec()
-    rho = np.asarray(calc.get_pseudo_density())
+    rho = pseudo_density(calc, half_width=None)
     return spec.apply(rho, calc.get_atoms()).astype(np.float32)
 
 
@@ -232,31 +232,25 @@ def extract_material(calc, name: str, bands: Sequence[int] | None = None, nv: in
     return ms
 
 
-def gpaw_ground_state(atoms: Atoms, ecut: float = 300.0, kmesh: int = 6, nbands: int | None = None,
-                      txt: str | os.PathLike | None = None, gpw: str | os.PathLike | None = None):
-    """PBE plane-wave ground state of a 2D material, then a non-self-consistent run on the
-    full (symmetry-free) ``kmesh x kmesh`` Gamma-centred grid with ``nbands`` converged bands.
+def ks_states(atoms: Atoms, ecut: float = 300.0, kmesh: int = 6, nbands: int | None = None,
+              txt: str | os.PathLike | None = None, gpw: str | os.PathLike | None = None):
+    """KS states of the VAE data set: the reference pipeline's PBE plane-wave ground state
+    (:func:`ase_mlks.reference.kohnsham.pw_ground_state`, Fermi-Dirac 0.05 eV), then its
+    non-self-consistent run on the full (symmetry-free) ``kmesh x kmesh`` Gamma-centred grid
+    with ``nbands`` converged bands (default nocc + 20).
 
     Returns the non-SCF calculator (states on all k-points of the uniform grid). ``gpw``
     stores the SCF ground state (no wave functions) for later band-path runs.
     """
-    from gpaw import GPAW, PW
-
     check_slab(atoms)
-    atoms = atoms.copy()
-    kpts = {"size": (kmesh, kmesh, 1), "gamma": True}
-    calc = GPAW(mode=PW(ecut), xc="PBE", kpts=kpts, txt=txt,
-                occupations={"name": "fermi-dirac", "width": 0.05},
-                convergence={"density": 1e-4})
-    atoms.calc = calc
-    atoms.get_potential_energy()
+    calc = pw_ground_state(atoms, ecut, kmesh, txt=txt)
     if gpw is not None:
         with atomic_path(gpw) as tmp:
             calc.write(tmp)
     nocc = int(round(calc.get_number_of_electrons() / 2))
     nbands = nbands or nocc + 20
-    return calc.fixed_density(kpts=kpts, symmetry="off", nbands=nbands + 4,
-                              convergence={"bands": nbands}, txt=txt)
+    return non_scf(calc, {"size": (kmesh, kmesh, 1), "gamma": True}, nbands=nbands + 4,
+                   converge_bands=nbands, txt=txt)
 
 
 # --------------------------------------------------------------------------- HDF5
@@ -317,33 +311,13 @@ def list_materials(path: str | os.PathLike) -> list[str]:
 
 # --------------------------------------------------------------------------- dev data set
 
-# Extra monolayers (prototype, lattice constant a in Å, chalcogen-chalcogen thickness in Å)
-# beyond those of ase_mlks.structures; approximate PBE values of C2DB-like structures,
-# used only for this model's own KS data.
-EXTRA_MONOLAYERS: dict[str, tuple[str, float, float]] = {
-    "WTe2": ("2H", 3.55, 3.60), "CrSe2": ("2H", 3.21, 3.17), "NbS2": ("2H", 3.36, 3.13),
-    "NbSe2": ("2H", 3.47, 3.36), "TiS2": ("1T", 3.41, 2.85), "ZrS2": ("1T", 3.69, 2.91),
-    "HfS2": ("1T", 3.64, 2.88), "SnS2": ("1T", 3.70, 2.96), "PtS2": ("1T", 3.57, 2.47),
-}
 HELD_OUT = ("MoS2", "WS2", "CrS2")  # excluded from both trainings, as in the paper
 
 
 def build_monolayer(name: str, vacuum: float = 5.0) -> Atoms:
-    """Monolayer by name: :func:`ase_mlks.structures.monolayer` where it knows the material,
-    else a 2H/1T MX2 from :data:`EXTRA_MONOLAYERS`. Fully periodic (GPAW plane waves)."""
-    from ase.build import mx2
-
-    from ase_mlks.structures import get_material, monolayer
-
-    try:
-        get_material(name)
-    except StructureError:
-        if name not in EXTRA_MONOLAYERS:
-            raise
-        kind, a, thick = EXTRA_MONOLAYERS[name]
-        atoms = mx2(name, kind, a=a, thickness=thick, vacuum=vacuum)
-    else:
-        atoms = monolayer(name, vacuum=vacuum)
+    """:func:`ase_mlks.structures.monolayer` by name, made periodic along z too (the KS data
+    set's plane-wave runs use a periodic cell with ``vacuum`` Å each side)."""
+    atoms = monolayer(name, vacuum=vacuum)
     atoms.pbc = True
     return atoms
 
@@ -367,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         t0 = time.time()
         gpw = Path(a.gpw_dir) / f"{name}.gpw"
         gpw.parent.mkdir(parents=True, exist_ok=True)
-        calc = gpaw_ground_state(build_monolayer(name), a.ecut, a.kmesh,
+        calc = ks_states(build_monolayer(name), a.ecut, a.kmesh,
                                  txt=Path(a.gpw_dir) / f"{name}.txt", gpw=gpw)
         t1 = time.time()
         ms = extract_material(calc, name, nv=a.nv, nc=a.nc)

@@ -239,22 +239,19 @@ def gw_materials(path: str | Path) -> list[str]:
 
 def gw_ground_state(rec: dict, name: str, gpw_dir: str | Path = "runs/gw_ref"):
     """GPAW calculator with the G0W0 record's KS states: the pipeline's full-diagonalization
-    file if it is still there, else the same PW ground state recomputed (record's atoms and
-    settings; IBZ k-points as GPAW chooses them, checked against the record)."""
-    from gpaw import GPAW, PW, FermiDirac
+    file ``gpw_dir/<name>_fulldiag.gpw`` if it is there, else made again by the pipeline's
+    own step (:func:`ase_mlks.reference.gw.ground_state` with the record's atoms and
+    settings) and checked against the record (k-points, KS energies)."""
+    from gpaw import GPAW
+
+    from ase_mlks.reference.gw import GWSettings, ground_state
 
     gpw = Path(gpw_dir) / f"{name}_fulldiag.gpw"
     if gpw.exists():
         calc = GPAW(str(gpw), txt=None)
     else:
-        s = rec["settings"]
-        atoms = rec["atoms"].copy()
-        calc = GPAW(mode=PW(s["ecut_gs"]), xc="PBE", txt=None,
-                    kpts={"size": (s["kmesh"], s["kmesh"], 1), "gamma": True},
-                    occupations=FermiDirac(s["width"]), convergence={"density": 1e-6},
-                    nbands=int(rec["bands"][1]) + 8)
-        atoms.calc = calc
-        atoms.get_potential_energy()
+        gpw.parent.mkdir(parents=True, exist_ok=True)
+        calc = ground_state(rec["atoms"], GWSettings(**rec["settings"]), gpw)
     k = np.asarray(calc.get_ibz_k_points())
     if k.shape != rec["ibz_kpts"].shape or not np.allclose(k, rec["ibz_kpts"], atol=1e-6):
         raise ValueError(f"{name}: k-points of the recomputed ground state differ from the "
@@ -320,51 +317,86 @@ def head_data(model: GWModel, gw_path: str | Path, names: Sequence[str],
     return out
 
 
-def fit_gw(model: GWModel, data: dict[str, dict], workdir: str | Path,
-           held_out: Sequence[str] = HELD_OUT, test_fraction: float = 0.1, seed: int = 0,
-           epochs: int = 1000, progress: bool = True, patience: int = 100
-           ) -> tuple[GWModel, dict]:
-    """Train the GW head and the two baselines on the same split; MAEs (eV) of all three.
+def split_states(data: dict[str, dict], held_out: Sequence[str] = HELD_OUT,
+                 test_fraction: float = 0.1, seed: int = 0) -> dict:
+    """The paper's split: held-out materials excluded entirely, the other materials' states
+    (in ``data``'s order) split randomly 90/10 into train/test with ``seed``.
 
-    Split as in the paper: held-out materials excluded entirely; the other materials'
-    states split randomly 90/10 into train/test.
+    Returns train_names, x (N, F), y (N,) eV, occupied (N,) bool of the training materials
+    and the index tensors tr, te into them.
     """
     train_names = [n for n in data if n not in held_out]
     if not train_names:
         raise ValueError("no G0W0 materials left for training after the held-out ones")
-    x = torch.cat([data[n]["x"] for n in train_names])
     y = torch.cat([data[n]["y"] for n in train_names])
-    occ = torch.cat([data[n]["occupied"] for n in train_names])
     perm = np.random.default_rng(seed).permutation(len(y))
     ntest = max(1, int(round(test_fraction * len(y))))
-    te, tr = torch.as_tensor(perm[:ntest]), torch.as_tensor(perm[ntest:])
+    return {"train_names": train_names, "x": torch.cat([data[n]["x"] for n in train_names]),
+            "y": y, "occupied": torch.cat([data[n]["occupied"] for n in train_names]),
+            "te": torch.as_tensor(perm[:ntest]), "tr": torch.as_tensor(perm[ntest:])}
+
+
+def energy_column(model: GWModel) -> slice:
+    """Column of eps_nk - E_F in the model's raw features."""
     p = model.state_vae.latent
-    energy_col = slice(p, p + 1) if model.hparams["features"] == "full" else slice(0, 1)
-    model = train_head(model, x[tr], y[tr], x[te], y[te], Path(workdir) / "head",
-                       epochs=epochs, seed=seed, progress=progress, patience=patience)
+    return slice(p, p + 1) if model.hparams["features"] == "full" else slice(0, 1)
+
+
+def fit_baselines(model: GWModel, split: dict, workdir: str | Path, epochs: int = 1000,
+                  seed: int = 0, progress: bool = True, patience: int = 100
+                  ) -> tuple[GWModel, dict[bool, float]]:
+    """The two baselines on ``split``'s training states: a network of the head's shape on
+    eps_nk - E_F alone, and a scissor shift (mean Sigma of occupied / of empty states, eV)."""
+    x, y, occ, tr, te = (split[k] for k in ("x", "y", "occupied", "tr", "te"))
+    col = energy_column(model)
     base = GWModel(**{**model.hparams, "features": "energy"})
-    base = train_head(base, x[tr][:, energy_col], y[tr], x[te][:, energy_col], y[te],
+    base = train_head(base, x[tr][:, col], y[tr], x[te][:, col], y[te],
                       Path(workdir) / "energy_only", epochs=epochs, seed=seed,
                       progress=progress, patience=patience)
     scissor = {True: float(y[tr][occ[tr]].mean()), False: float(y[tr][~occ[tr]].mean())}
+    return base, scissor
+
+
+@torch.no_grad()
+def score_gw(model: GWModel, base: GWModel, scissor: dict[bool, float], data: dict[str, dict],
+             split: dict, held_out: Sequence[str] = HELD_OUT) -> dict:
+    """MAEs (eV) of the model and both baselines on the training states, the test states and
+    every held-out material in ``data`` (and all of them together)."""
+    col = energy_column(model)
 
     def maes(xs, ys, occs) -> dict[str, float]:
-        with torch.no_grad():
-            sc = torch.where(occs, scissor[True], scissor[False])
-            return {"n": len(ys), "model": float((model(xs) - ys).abs().mean()),
-                    "energy_only_nn": float((base(xs[:, energy_col]) - ys).abs().mean()),
-                    "scissor": float((sc - ys).abs().mean())}
+        sc = torch.where(occs, scissor[True], scissor[False])
+        return {"n": len(ys), "model": float((model(xs) - ys).abs().mean()),
+                "energy_only_nn": float((base(xs[:, col]) - ys).abs().mean()),
+                "scissor": float((sc - ys).abs().mean())}
 
-    res = {"train_materials": train_names, "scissor_shift_eV": scissor,
+    x, y, occ, tr, te = (split[k] for k in ("x", "y", "occupied", "tr", "te"))
+    res = {"train_materials": split["train_names"], "scissor_shift_eV": scissor,
            "train": maes(x[tr], y[tr], occ[tr]), "test_states": maes(x[te], y[te], occ[te])}
-    for n in data:
-        if n in held_out:
-            res[f"heldout_{n}"] = maes(data[n]["x"], data[n]["y"], data[n]["occupied"])
     ho = [n for n in data if n in held_out]
+    for n in ho:
+        res[f"heldout_{n}"] = maes(data[n]["x"], data[n]["y"], data[n]["occupied"])
     if ho:
-        res["heldout_materials"] = maes(torch.cat([data[n]["x"] for n in ho]),
-                                        torch.cat([data[n]["y"] for n in ho]),
-                                        torch.cat([data[n]["occupied"] for n in ho]))
+        res["heldout_materials"] = maes(*(torch.cat([data[n][k] for n in ho])
+                                          for k in ("x", "y", "occupied")))
+    return res
+
+
+def fit_gw(model: GWModel, data: dict[str, dict], workdir: str | Path,
+           held_out: Sequence[str] = HELD_OUT, test_fraction: float = 0.1, seed: int = 0,
+           epochs: int = 1000, progress: bool = True, patience: int = 100
+           ) -> tuple[GWModel, dict]:
+    """Train the GW head and the two baselines on the same split; MAEs (eV) of all three
+    (see :func:`split_states`, :func:`fit_baselines`, :func:`score_gw`)."""
+    split = split_states(data, held_out, test_fraction, seed)
+    x, y, tr, te = (split[k] for k in ("x", "y", "tr", "te"))
+    model = train_head(model, x[tr], y[tr], x[te], y[te], Path(workdir) / "head",
+                       epochs=epochs, seed=seed, progress=progress, patience=patience)
+    base, scissor = fit_baselines(model, split, workdir, epochs, seed, progress, patience)
+    model.eval()
+    base.eval()
+    res = score_gw(model, base, scissor, data, split, held_out)
+    res.update(seed=seed, test_fraction=test_fraction, epochs=epochs, patience=patience)
     return model, res
 
 
@@ -443,6 +475,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     h.add_argument("--epochs", type=int, default=1000)
     h.add_argument("--patience", type=int, default=100)
     h.add_argument("--materials", nargs="*", default=None, help="subset of the G0W0 file")
+    h.add_argument("--seed", type=int, default=0, help="split and initialization seed")
     h.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.cmd == "vae":
@@ -478,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                  if args.materials is None or n in args.materials]
         data = head_data(model, args.gw, names, args.gpw_dir, args.cache)
         model, res = fit_gw(model, data, args.workdir, epochs=args.epochs,
-                            patience=args.patience)
+                            patience=args.patience, seed=args.seed)
         extra.update(head="trained", head_training=res)
         model.save(args.out, extra=extra, data_hash=hash_file(args.gw))
         print(json.dumps(res, indent=1))

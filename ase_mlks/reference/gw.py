@@ -77,14 +77,11 @@ def _prepare_atoms(atoms, vacuum):
 
 def ground_state(atoms, s: GWSettings, gpw: Path, txt=None):
     """PW ground state + full diagonalization, written to ``gpw`` (mode='all')."""
-    from gpaw import GPAW, PW, FermiDirac
+    from .kohnsham import pw_ground_state
 
     atoms = _prepare_atoms(atoms, s.vacuum)
-    calc = GPAW(mode=PW(s.ecut_gs), xc="PBE", kpts={"size": (s.kmesh, s.kmesh, 1),
-                                                      "gamma": True},
-                occupations=FermiDirac(s.width), txt=txt, convergence={"density": 1e-6})
-    atoms.calc = calc
-    atoms.get_potential_energy()
+    calc = pw_ground_state(atoms, s.ecut_gs, s.kmesh, s.width, density_tol=1e-6, txt=txt)
+    atoms = calc.get_atoms()
     calc.diagonalize_full_hamiltonian(nbands=gw_nbands(atoms, s, calc) + 8)
     calc.write(str(gpw), mode="all")
     return calc
