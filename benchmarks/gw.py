@@ -152,12 +152,14 @@ def head_benchmark(model: GWModel, gw_path: str, cache: str, workdir: Path,
 
     info = model.checkpoint_meta["extra"]["head_training"]
     train = info["train_materials"]
+    train = train + info.get("val_materials", [])
     names = [n for n in gw_materials(gw_path) if n in train or n in HELD_OUT]
     missing = sorted(set(train) - set(names))
     if missing:
         raise ValueError(f"training materials {missing} of the head are not in {gw_path}")
     data = head_data(model, gw_path, names, gpw_dir, cache)
-    split = split_states(data, HELD_OUT, info.get("test_fraction", 0.1), info.get("seed", 0))
+    split = split_states(data, HELD_OUT, info.get("test_fraction", 0.1), info.get("seed", 0),
+                         info.get("n_val_materials", 0))
     base, scissor = fit_baselines(model, split, workdir, epochs=info.get("epochs", 1000),
                                   seed=info.get("seed", 0), patience=info.get("patience", 100))
     model.eval()
@@ -171,6 +173,8 @@ def head_benchmark(model: GWModel, gw_path: str, cache: str, workdir: Path,
 def print_head_table(res: dict) -> None:
     print(f"{'GW correction MAE (eV)':28s} {'n':>5s} {'model':>7s} {'eps-NN':>7s} {'scissor':>8s}")
     rows = [("train states", res["train"]), ("test states (10%)", res["test_states"])]
+    if "val" in res:
+        rows.append((f"early-stop {','.join(res['val_materials'])}", res["val"]))
     rows += [(f"held-out {k[8:]}", v) for k, v in res.items()
              if k.startswith("heldout_") and k != "heldout_materials"]
     if "heldout_materials" in res:

@@ -80,3 +80,17 @@ def test_monolayer_only_material_needs_an_interlayer_distance():
     with pytest.raises(StructureError, match="interlayer distance known for ZrS2"):
         bilayer("ZrS2")
     assert len(bilayer("ZrS2", interlayer=5.8)) == 6
+
+
+def test_whole_materials_for_early_stopping(tmp_path):
+    model = small_model()
+    data = synthetic_data(model, ["A", "B", "C", "D", "MoS2"])
+    split = split_states(data, val_materials=2, seed=1)
+    assert len(split["val_names"]) == 2 and not set(split["val_names"]) & {"MoS2"}
+    assert sorted(split["train_names"] + split["val_names"]) == ["A", "B", "C", "D"]
+    x_stop, y_stop = split["stop"]
+    assert torch.equal(y_stop, torch.cat([data[n]["y"] for n in split["val_names"]]))
+    assert len(split["y"]) == 80  # test states come from the two fitted materials only
+    _, res = fit_gw(small_model(), data, tmp_path, epochs=2, progress=False, patience=2,
+                    seed=1, val_materials=2)
+    assert res["val_materials"] == split["val_names"] and res["val"]["n"] == 80

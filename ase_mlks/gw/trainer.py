@@ -318,22 +318,36 @@ def head_data(model: GWModel, gw_path: str | Path, names: Sequence[str],
 
 
 def split_states(data: dict[str, dict], held_out: Sequence[str] = HELD_OUT,
-                 test_fraction: float = 0.1, seed: int = 0) -> dict:
+                 test_fraction: float = 0.1, seed: int = 0, val_materials: int = 0) -> dict:
     """The paper's split: held-out materials excluded entirely, the other materials' states
     (in ``data``'s order) split randomly 90/10 into train/test with ``seed``.
 
-    Returns train_names, x (N, F), y (N,) eV, occupied (N,) bool of the training materials
-    and the index tensors tr, te into them.
+    val_materials > 0: that many further training materials (drawn with ``seed``) are set
+    aside whole as the early-stopping set, so that stopping rewards generalization to unseen
+    materials and the test states stay untouched; otherwise the test states double as the
+    early-stopping set. Returns train_names, x (N, F), y (N,) eV, occupied (N,) bool of the
+    training materials, the index tensors tr, te into them, val_names and ``stop`` (x, y) of
+    the early-stopping set.
     """
     train_names = [n for n in data if n not in held_out]
+    val_names: list[str] = []
+    if val_materials:
+        rng = np.random.default_rng([seed, 1])
+        val_names = sorted(rng.choice(train_names, size=val_materials, replace=False).tolist())
+        train_names = [n for n in train_names if n not in val_names]
     if not train_names:
         raise ValueError("no G0W0 materials left for training after the held-out ones")
     y = torch.cat([data[n]["y"] for n in train_names])
+    x = torch.cat([data[n]["x"] for n in train_names])
     perm = np.random.default_rng(seed).permutation(len(y))
     ntest = max(1, int(round(test_fraction * len(y))))
-    return {"train_names": train_names, "x": torch.cat([data[n]["x"] for n in train_names]),
-            "y": y, "occupied": torch.cat([data[n]["occupied"] for n in train_names]),
-            "te": torch.as_tensor(perm[:ntest]), "tr": torch.as_tensor(perm[ntest:])}
+    te, tr = torch.as_tensor(perm[:ntest]), torch.as_tensor(perm[ntest:])
+    stop = (x[te], y[te])
+    if val_names:
+        stop = tuple(torch.cat([data[n][k] for n in val_names]) for k in ("x", "y"))
+    return {"train_names": train_names, "x": x, "y": y,
+            "occupied": torch.cat([data[n]["occupied"] for n in train_names]),
+            "te": te, "tr": tr, "val_names": val_names, "stop": stop}
 
 
 def energy_column(model: GWModel) -> slice:
@@ -347,10 +361,11 @@ def fit_baselines(model: GWModel, split: dict, workdir: str | Path, epochs: int 
                   ) -> tuple[GWModel, dict[bool, float]]:
     """The two baselines on ``split``'s training states: a network of the head's shape on
     eps_nk - E_F alone, and a scissor shift (mean Sigma of occupied / of empty states, eV)."""
-    x, y, occ, tr, te = (split[k] for k in ("x", "y", "occupied", "tr", "te"))
+    x, y, occ, tr = (split[k] for k in ("x", "y", "occupied", "tr"))
+    x_stop, y_stop = split["stop"]
     col = energy_column(model)
     base = GWModel(**{**model.hparams, "features": "energy"})
-    base = train_head(base, x[tr][:, col], y[tr], x[te][:, col], y[te],
+    base = train_head(base, x[tr][:, col], y[tr], x_stop[:, col], y_stop,
                       Path(workdir) / "energy_only", epochs=epochs, seed=seed,
                       progress=progress, patience=patience)
     scissor = {True: float(y[tr][occ[tr]].mean()), False: float(y[tr][~occ[tr]].mean())}
@@ -373,6 +388,10 @@ def score_gw(model: GWModel, base: GWModel, scissor: dict[bool, float], data: di
     x, y, occ, tr, te = (split[k] for k in ("x", "y", "occupied", "tr", "te"))
     res = {"train_materials": split["train_names"], "scissor_shift_eV": scissor,
            "train": maes(x[tr], y[tr], occ[tr]), "test_states": maes(x[te], y[te], occ[te])}
+    if split["val_names"]:
+        res["val_materials"] = split["val_names"]
+        res["val"] = maes(*(torch.cat([data[n][k] for n in split["val_names"]])
+                            for k in ("x", "y", "occupied")))
     ho = [n for n in data if n in held_out]
     for n in ho:
         res[f"heldout_{n}"] = maes(data[n]["x"], data[n]["y"], data[n]["occupied"])
@@ -384,19 +403,20 @@ def score_gw(model: GWModel, base: GWModel, scissor: dict[bool, float], data: di
 
 def fit_gw(model: GWModel, data: dict[str, dict], workdir: str | Path,
            held_out: Sequence[str] = HELD_OUT, test_fraction: float = 0.1, seed: int = 0,
-           epochs: int = 1000, progress: bool = True, patience: int = 100
-           ) -> tuple[GWModel, dict]:
+           epochs: int = 1000, progress: bool = True, patience: int = 100,
+           val_materials: int = 0) -> tuple[GWModel, dict]:
     """Train the GW head and the two baselines on the same split; MAEs (eV) of all three
     (see :func:`split_states`, :func:`fit_baselines`, :func:`score_gw`)."""
-    split = split_states(data, held_out, test_fraction, seed)
-    x, y, tr, te = (split[k] for k in ("x", "y", "tr", "te"))
-    model = train_head(model, x[tr], y[tr], x[te], y[te], Path(workdir) / "head",
+    split = split_states(data, held_out, test_fraction, seed, val_materials)
+    x, y, tr = (split[k] for k in ("x", "y", "tr"))
+    model = train_head(model, x[tr], y[tr], *split["stop"], Path(workdir) / "head",
                        epochs=epochs, seed=seed, progress=progress, patience=patience)
     base, scissor = fit_baselines(model, split, workdir, epochs, seed, progress, patience)
     model.eval()
     base.eval()
     res = score_gw(model, base, scissor, data, split, held_out)
-    res.update(seed=seed, test_fraction=test_fraction, epochs=epochs, patience=patience)
+    res.update(seed=seed, test_fraction=test_fraction, epochs=epochs, patience=patience,
+               n_val_materials=val_materials)
     return model, res
 
 
@@ -476,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     h.add_argument("--patience", type=int, default=100)
     h.add_argument("--materials", nargs="*", default=None, help="subset of the G0W0 file")
     h.add_argument("--seed", type=int, default=0, help="split and initialization seed")
+    h.add_argument("--val-materials", type=int, default=0,
+                   help="training materials set aside whole for early stopping")
     h.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.cmd == "vae":
@@ -511,7 +533,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                  if args.materials is None or n in args.materials]
         data = head_data(model, args.gw, names, args.gpw_dir, args.cache)
         model, res = fit_gw(model, data, args.workdir, epochs=args.epochs,
-                            patience=args.patience, seed=args.seed)
+                            patience=args.patience, seed=args.seed,
+                            val_materials=args.val_materials)
         extra.update(head="trained", head_training=res)
         model.save(args.out, extra=extra, data_hash=hash_file(args.gw))
         print(json.dumps(res, indent=1))
