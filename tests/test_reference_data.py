@@ -122,11 +122,14 @@ def test_gw_monolayers():
             assert g.attrs["gap_qp"] > g.attrs["gap_ks"] + 0.3
             assert g.attrs["gap_ks"] == pytest.approx(
                 eps[:, s["nv"]:].min() - eps[:, : s["nv"]].max(), abs=1e-4)
-            # KS moduli: one (k, band) grid each; valence states are bound to the layer and
-            # carry nearly the same (pseudo) norm inside the kept z-window (conduction states
-            # of hBN reach into the vacuum, so only valence bands are compared)
+            # KS moduli: one (k, band) grid each (resampled, z-window kept). Valence states
+            # are bound to the layer, so each keeps its pseudo norm there; in PAW that is 1
+            # minus the augmentation charge: near 1 for s/p states, about half for localized
+            # 3d states (measured: CrS2 0.55-1.00 at Γ over the whole cell). A lost z-slab or
+            # a mis-scaled state would fall outside min/max > 0.4. Conduction states of hBN
+            # reach into the vacuum, so only valence bands are checked.
             mod = g["moduli"][()]
             assert mod.shape[:2] == (len(g["ibz_kpts"]), nb)
             assert mod.shape[2:] == g["density"].shape
             norms = (mod[:, : s["nv"]].astype(float) ** 2).sum(axis=(2, 3, 4))
-            assert np.allclose(norms / norms.mean(), 1.0, atol=0.2)
+            assert norms.min() > 0.4 * norms.max(), name
