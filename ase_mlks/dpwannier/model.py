@@ -46,6 +46,9 @@ from .graph import DPGraph
 ONSITE, INTRA, INTER = "onsite", "intra", "inter"
 
 
+
+STD_FLOOR = 0.1  # descriptor normalization floor, fraction of the largest spread
+
 class GaussianBasis(nn.Module):
     """Gaussian radial basis on [0, r_max] Å times a smooth cutoff; output (E, n)."""
 
@@ -428,7 +431,12 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         vec = self._vectors(g.positions, g.cell, g.batch, g.ff_i, g.ff_j, g.ff_shift)
         d = self.descriptor(g.species, g.ff_i, g.ff_j, vec.to(self.d_mean.dtype))
         self.d_mean.copy_(d.mean(0))
-        self.d_std.copy_(d.std(0).clamp_min(1e-3 * float(d.std(0).max())))
+        # D is quadratic in the environment tensor, so its components' spreads span orders
+        # of magnitude; dividing a nearly constant one by its own tiny spread amplifies the
+        # embedding net's updates ~1e4-fold and made training chaotic (energies jumping by
+        # 100 meV/atom between epochs). The floor keeps such components small instead.
+        std = d.std(0)
+        self.d_std.copy_(std.clamp_min(STD_FLOOR * float(std.max())))
 
     def orbital_mask(self, species: torch.Tensor) -> torch.Tensor:
         """(N, nmax) bool: which padded orbital slots are real for each atom."""
