@@ -20,11 +20,13 @@ def _run(args, env_extra=None):
                    capture_output=True)
 
 
-def test_ddp_two_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "lbfgs"])
+def test_ddp_two_processes_match_single_process(tmp_path, optimizer):
     single, multi = tmp_path / "single", tmp_path / "ddp"
-    _run([str(HERE / "ddp_train_script.py"), str(single)])
-    _run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-          str(HERE / "ddp_train_script.py"), str(multi)])
+    _run([str(HERE / "ddp_train_script.py"), str(single), optimizer])
+    port = "29533" if optimizer == "sgd" else "29534"
+    _run(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+          str(HERE / "ddp_train_script.py"), str(multi), optimizer])
     a = torch.load(single / "final.pt")
     b = torch.load(multi / "final.pt")
     for key in a:
@@ -54,6 +56,28 @@ def test_fit_learns_and_resumes(tmp_path):
     assert len(hist2) == 8 and hist2[-1]["val_loss"] <= hist[-1]["val_loss"]
     lines = (tmp_path / "metrics.jsonl").read_text().strip().splitlines()
     assert len(lines) == 8
+
+
+def test_lbfgs_full_batch_solves_least_squares(tmp_path):
+    """L-BFGS on the whole (noise-free, linear) data set reaches the exact solution."""
+    sys.path.insert(0, str(HERE))
+    from ddp_train_script import Linear, loss_fn
+
+    from ase_mlks.core.training import Trainer
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 4)
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    data = list(zip(x, x @ w + 0.3))
+    model = Linear()
+    hist = Trainer(model, loss_fn, data, None, batch_size=40, optimizer="lbfgs", lr=1.0,
+                   max_epochs=3, workdir=tmp_path, progress=False).fit()
+    assert hist[0]["train_loss"] > 1.0  # the first record is the starting point
+    torch.testing.assert_close(model.lin.weight[0].detach(), w, atol=1e-4, rtol=0)
+    torch.testing.assert_close(model.lin.bias.detach(), torch.tensor([0.3]), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        Trainer(model, loss_fn, data, batch_size=40, optimizer="lbfgs", weight_decay=0.1,
+                workdir=tmp_path / "wd", progress=False)
 
 
 def test_batch_not_divisible_by_world_size_is_rejected(monkeypatch):

@@ -54,9 +54,18 @@ def seed_everything(seed: int) -> None:
 def _make_optimizer(kind: str | Callable, params: Iterable, lr: float, weight_decay: float):
     if callable(kind):
         return kind(params)
+    if kind == "lbfgs":
+        # One outer step = up to 20 function evaluations with a strong-Wolfe line search;
+        # ``lr`` only scales the first trial step. Meant for full-batch training of small
+        # data sets, where it converges far better than Adam (measured on DPWannier stage 1).
+        if weight_decay:
+            raise ValueError("lbfgs does not support weight_decay")
+        return torch.optim.LBFGS(params, lr=lr, max_iter=20, history_size=50,
+                                 line_search_fn="strong_wolfe")
     kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
     if kind not in kinds:
-        raise ValueError(f"unknown optimizer {kind!r}; use one of {sorted(kinds)} or a factory")
+        raise ValueError(f"unknown optimizer {kind!r}; use one of {sorted(kinds) + ['lbfgs']} "
+                         "or a factory")
     return kinds[kind](params, lr=lr, weight_decay=weight_decay)
 
 
@@ -127,14 +136,17 @@ class Trainer:
         count = 0
         desc = f"epoch {self.epoch + 1}/{self.max_epochs} {'train' if train else 'val'}"
         for batch in tqdm(loader, desc=desc, disable=not self.progress, leave=False):
-            if train:
-                self.optimizer.zero_grad(set_to_none=True)
-            loss, metrics = self.loss_fn(self.ddp_model if train else self.model, batch)
-            if train:
-                loss.backward()
-                if self.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-                self.optimizer.step()
+            if train and isinstance(self.optimizer, torch.optim.LBFGS):
+                loss, metrics = self._lbfgs_step(batch)
+            else:
+                if train:
+                    self.optimizer.zero_grad(set_to_none=True)
+                loss, metrics = self.loss_fn(self.ddp_model if train else self.model, batch)
+                if train:
+                    loss.backward()
+                    if self.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+                    self.optimizer.step()
             metrics = {"loss": float(loss.detach()), **metrics}
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
@@ -145,6 +157,30 @@ class Trainer:
             dist.all_reduce(t)
             means = dict(zip(sorted(means), (t / self.world).tolist()))
         return means
+
+    def _lbfgs_step(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """One L-BFGS step (several closure evaluations) on ``batch``.
+
+        Under DDP every process must take the same line-search decisions, so the closure
+        returns the loss averaged over processes (the gradients already are, by DDP).
+        Returns the loss and metrics of the first evaluation (at the step's start point).
+        """
+        first: list = []
+
+        def closure() -> torch.Tensor:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, metrics = self.loss_fn(self.ddp_model, batch)
+            loss.backward()
+            value = loss.detach().clone()
+            if self.world > 1:
+                dist.all_reduce(value)
+                value /= self.world
+            if not first:
+                first.extend([value, metrics])
+            return value
+
+        self.optimizer.step(closure)
+        return first[0], first[1]
 
     def fit(self) -> list[dict[str, float]]:
         """Train until ``max_epochs``, early stopping, or the minimum learning rate."""
