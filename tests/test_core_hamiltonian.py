@@ -99,6 +99,34 @@ def test_dense_shift_invert_chosen_for_long_range_large_cells():
     assert ham.pair_fill() > 0.1 and ham.choose_solver(6, 0.1) == "shift-invert"
 
 
+def test_each_solver_name_runs_its_own_solver(monkeypatch):
+    """'shift-invert' and 'auto' must reach the solver they name, not a fallback."""
+    atoms = graphene_sheet((4, 4, 1))
+    ham = PzTightBindingCalc(t=T, cutoff=1.6).build_hamiltonian(atoms)
+    called = []
+    for name in ("_eig_dense", "_eig_sparse", "_eig_shift_invert"):
+        original = getattr(TBHamiltonian, name)
+
+        def spy(self, *args, _name=name, _original=original):
+            called.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(TBHamiltonian, name, spy)
+    for solver, expected in [("dense", "_eig_dense"), ("sparse", "_eig_sparse"),
+                             ("shift-invert", "_eig_shift_invert")]:
+        called.clear()
+        ham.eigenvalues([[0.1, 0.2, 0.0]], nbands=4, sigma=0.3, solver=solver)
+        assert called == [expected]
+    called.clear()
+    monkeypatch.setattr(TBHamiltonian, "choose_solver", lambda self, n, s: "shift-invert")
+    ham.eigenvalues([[0.1, 0.2, 0.0]], nbands=4, sigma=0.3)
+    assert called == ["_eig_shift_invert"]
+    with pytest.raises(ValueError, match="unknown solver"):
+        ham.eigenvalues([[0, 0, 0]], nbands=4, sigma=0.3, solver="lanczos")
+    with pytest.raises(ValueError, match="needs both"):
+        ham.eigenvalues([[0, 0, 0]], solver="shift-invert")
+
+
 def test_generalized_problem_with_overlap():
     rng = np.random.default_rng(5)
     a = rng.normal(size=(4, 4))

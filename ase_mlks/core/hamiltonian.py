@@ -177,18 +177,20 @@ class TBHamiltonian:
         """
         kpts = np.atleast_2d(np.asarray(kpts, dtype=float))
         if solver == "auto":
-            solver = "sparse" if (sigma is not None and nbands is not None
-                                  and self.norb > DENSE_LIMIT) else "dense"
+            solver = self.choose_solver(nbands, sigma)
+        solvers = {"dense": self._eig_dense, "sparse": self._eig_sparse,
+                   "shift-invert": self._eig_shift_invert}
+        if solver not in solvers:
+            raise ValueError(f"unknown solver {solver!r}; use 'auto' or one of {list(solvers)}")
         if solver == "dense" and self.norb > 4 * DENSE_LIMIT:
             raise AseMlksError(
                 f"{self.norb} orbitals are too many for dense diagonalization; pass nbands "
                 "and sigma (eV) to use the sparse shift-invert solver")
-        if solver == "sparse" and (sigma is None or nbands is None):
-            raise ValueError("the sparse solver needs both nbands and sigma")
+        if solver != "dense" and (sigma is None or nbands is None):
+            raise ValueError(f"the {solver} solver needs both nbands and sigma")
         values, vectors = [], []
         for k in kpts:
-            e, v = (self._eig_dense(k, nbands, sigma) if solver == "dense"
-                    else self._eig_sparse(k, nbands, sigma))
+            e, v = solvers[solver](k, nbands, sigma)
             values.append(e)
             vectors.append(v)
         values = np.array(values)
