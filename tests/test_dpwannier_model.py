@@ -16,11 +16,12 @@ from ase_mlks.structures import bilayer_configuration, monolayer
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def model() -> DPWannierModel:
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "bond-invariants"])
+def model(request) -> DPWannierModel:
     torch.manual_seed(0)
     m = DPWannierModel(embed=(8, 16), axis=4, fit=(16, 8), h_cutoff=8.0, env_channels=2,
-                       n_radial=8, intra_hidden=(16,), inter_hidden=(8,), onsite_hidden=(16,))
+                       n_radial=8, intra_hidden=(16,), inter_hidden=(8,), onsite_hidden=(16,),
+                       bond_invariants=request.param)
     m = m.double()
     # Non-trivial scales so every term contributes at the eV level.
     m.e_scale.fill_(3.0)

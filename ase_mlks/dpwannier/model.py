@@ -134,7 +134,8 @@ class DPWannierModel(nn.Module, CheckpointMixin):
                  min_distance: float = 1.8, alignment_degree: int = 2,
                  env_norm: float = 100.0, manifold_electrons: dict[str, float] | None = None,
                  core_bands: dict[str, int] | None = None,
-                 fit_conduction_bands: dict[str, int] | None = None):
+                 fit_conduction_bands: dict[str, int] | None = None,
+                 bond_invariants: bool = False):
         super().__init__()
         orbitals = dict(orbitals or {"Mo": "4d", "S": "3p"})
         self.hparams = dict(
@@ -144,6 +145,7 @@ class DPWannierModel(nn.Module, CheckpointMixin):
             inter_hidden=list(inter_hidden), onsite_hidden=list(onsite_hidden),
             areal_density=areal_density, min_distance=min_distance,
             alignment_degree=alignment_degree, env_norm=env_norm,
+            bond_invariants=bond_invariants,
             manifold_electrons=dict(manifold_electrons or {"Mo": 2.0, "S": 6.0}),
             core_bands=dict(core_bands or {"Mo": 4, "S": 1}),
             fit_conduction_bands=dict(fit_conduction_bands or {"Mo": 1, "S": 0}))
@@ -193,13 +195,17 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         for l in range(lmax + 1):
             self.register_buffer(f"p_{l}", torch.as_tensor(e3nn_to_ours(l), dtype=torch.float32))
         raer = fit[-1]
+        self.bond_invariants = bond_invariants
+        # Bond-projected environment invariants Y_L(r_ij) . T^L (L >= 1, both ends): tell the
+        # intra-layer coefficients how each end's neighbours sit relative to the bond.
+        n_bond = 2 * env_channels * self.lmax_feat if bond_invariants else 0
         self.heads = nn.ModuleDict()
         for a in range(ns):
             self.heads[f"{ONSITE}_{a}"] = mlp([self.descriptor.dim, *onsite_hidden,
                                                self._ncoef(ONSITE, a, a)])
         for a, b, rng in product(range(ns), range(ns), ("short", "long")):
             self.heads[f"{INTRA}_{a}_{b}_{rng}"] = mlp(
-                [2 * raer + n_radial, *intra_hidden, self._ncoef(INTRA, a, b)])
+                [2 * raer + n_radial + n_bond, *intra_hidden, self._ncoef(INTRA, a, b)])
             self.heads[f"{INTER}_{a}_{b}_{rng}"] = mlp(
                 [n_radial, *inter_hidden, self._ncoef(INTER, a, b)])
         # Start every head at zero output (H = mean on-site energies): a head that sees no
@@ -370,7 +376,10 @@ class DPWannierModel(nn.Module, CheckpointMixin):
             if len(m) == 0:
                 continue
             if cat == INTRA:
-                inp = torch.cat([raer[g.h_i[m]], raer[g.h_j[m]], rbf[m]], dim=1)
+                parts = [raer[g.h_i[m]], raer[g.h_j[m]], rbf[m]]
+                if self.bond_invariants:
+                    parts += self._bond_invariants(ys, env, g.h_i[m], g.h_j[m], m)
+                inp = torch.cat(parts, dim=1)
                 feats = [torch.cat([y[m], t[g.h_i[m]], t[g.h_j[m]]], dim=1)
                          for y, t in zip(ys, env)]
             else:
@@ -384,6 +393,17 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         hop = 0.5 * (raw + raw[g.h_rev].transpose(1, 2))
         hop = hop * smooth_switch(r, self.h_cutoff - 1.0, self.h_cutoff)[:, None, None]
         return {"onsite": onsite, "hop": hop}
+
+    def _bond_invariants(self, ys: list[torch.Tensor], env: list[torch.Tensor],
+                         i: torch.Tensor, j: torch.Tensor, m: torch.Tensor
+                         ) -> list[torch.Tensor]:
+        """Y_L(r_ij) . T^L_i and Y_L(r_ij) . T^L_j for L = 1..2 lmax: two (E, C*2lmax).
+
+        Both factors have parity (-1)^L, so the dot products are O(3) invariants.
+        """
+        proj_i = [(ys[big_l][m] * env[big_l][i]).sum(-1) for big_l in range(1, len(env))]
+        proj_j = [(ys[big_l][m] * env[big_l][j]).sum(-1) for big_l in range(1, len(env))]
+        return [torch.cat(proj_i, dim=1), torch.cat(proj_j, dim=1)]
 
     # ---- Bloch sums in torch (for band-energy losses) -------------------------------------
     def bloch_eigenvalues(self, g: DPGraph, onsite: torch.Tensor, hop: torch.Tensor,
