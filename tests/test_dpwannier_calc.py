@@ -83,6 +83,27 @@ def test_training_resumes(trained):
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4, 5]
 
 
+def test_lbfgs_stage_and_new_heads_on_a_trained_force_field(trained, tmp_path):
+    """Full-batch L-BFGS stage 2 with bond invariants, starting from stage 1's force field:
+    the force field is copied exactly, the new heads learn, a mismatched FF is refused."""
+    from ase_mlks.core.errors import CheckpointError
+
+    best = trained["work"] / "stage1" / "best.pt"
+    kw = {**SMALL, "bond_invariants": True}
+    tr = DPWannierTrainer(trained["data"], tmp_path / "new", model_kwargs=kw, progress=False,
+                          init_ff=best)
+    ff = torch.load(best, weights_only=False)["state_dict"]
+    sd = tr.model.state_dict()
+    for k, v in ff.items():
+        if k.startswith(("descriptor.", "fit_hidden.", "fit_out.", "d_mean", "d_std")):
+            assert torch.equal(v, sd[k].to(v.dtype)), k
+    hist = tr.stage2(epochs=2, optimizer="lbfgs", loss_weights={"w_bands": 0.1})
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    with pytest.raises(CheckpointError, match="force field differs"):
+        DPWannierTrainer(trained["data"], tmp_path / "bad", model_kwargs={**SMALL, "axis": 2},
+                         progress=False, init_ff=best)
+
+
 @pytest.fixture()
 def calc(trained):
     return DPWannierCalc(model=str(trained["path"]))
