@@ -180,13 +180,6 @@ class Trainer:
             return value
 
         self.optimizer.step(closure)
-        # A step that does not move (the line search failed on a stale curvature history)
-        # would repeat forever; drop the history so the next step restarts from steepest
-        # descent. Measured: DPWannier stage 1 sat at exactly the same loss for 75 epochs.
-        start = float(first[0])
-        if start == getattr(self, "_lbfgs_last_start", None):
-            self.optimizer.state.clear()
-        self._lbfgs_last_start = start
         return first[0], first[1]
 
     def fit(self) -> list[dict[str, float]]:
