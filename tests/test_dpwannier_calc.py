@@ -102,6 +102,15 @@ def test_lbfgs_stage_and_new_heads_on_a_trained_force_field(trained, tmp_path):
     with pytest.raises(CheckpointError, match="force field differs"):
         DPWannierTrainer(trained["data"], tmp_path / "bad", model_kwargs={**SMALL, "axis": 2},
                          progress=False, init_ff=best)
+    # fine-tuning starts from the complete saved model; a different architecture is refused
+    tuned = DPWannierTrainer(trained["data"], tmp_path / "tune", model_kwargs=SMALL,
+                             progress=False, init_model=trained["path"])
+    saved = torch.load(trained["path"], weights_only=False)["state_dict"]
+    for k, v in tuned.model.state_dict().items():
+        assert torch.equal(v, saved[k].to(v.dtype)), k
+    with pytest.raises(CheckpointError, match="does not fit"):
+        DPWannierTrainer(trained["data"], tmp_path / "bad2", model_kwargs=kw, progress=False,
+                         init_model=trained["path"])
 
 
 @pytest.fixture()

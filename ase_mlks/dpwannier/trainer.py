@@ -212,13 +212,16 @@ class DPWannierTrainer:
         init_ff: checkpoint (a stage-1 ``best.pt`` or a saved model) whose force field the
             new model starts from — for fitting new Hamiltonian heads (stage 2 only) on a
             trained force field. Its force-field hyper-parameters must match.
+        init_model: checkpoint whose whole state (force field and heads) the new run starts
+            from — for fine-tuning the heads with other loss weights in a fresh workdir.
     """
 
     def __init__(self, data: str | os.PathLike, workdir: str | os.PathLike = "runs/dpwannier",
                  model_kwargs: dict | None = None, val_fraction: float = 0.2,
                  prefix: str | None = None, max_structures: int | None = None,
                  dtype: torch.dtype = torch.float32, progress: bool = True, seed: int = 0,
-                 init_ff: str | os.PathLike | None = None):
+                 init_ff: str | os.PathLike | None = None,
+                 init_model: str | os.PathLike | None = None):
         self.data = Path(data)
         self.workdir = Path(workdir)
         self.progress, self.seed = progress, seed
@@ -236,6 +239,7 @@ class DPWannierTrainer:
         self.val_set = DPWannierData(self.data, self.val_keys, self.model) if self.val_keys \
             else None
         self.data_hash = hash_file(self.data)
+        self.heads_given = init_model is not None
         init = self.workdir / "init.pt"
         if init.exists():
             saved = torch.load(init, map_location="cpu", weights_only=False)
@@ -247,6 +251,8 @@ class DPWannierTrainer:
                                               for i in range(min(16, len(self.train_set)))])
             if init_ff is not None:
                 self._load_force_field(init_ff)
+            if init_model is not None:
+                self._load_model(init_model)
             rank, _ = distributed_context()
             if rank == 0:
                 self.workdir.mkdir(parents=True, exist_ok=True)
@@ -267,6 +273,16 @@ class DPWannierTrainer:
         state = self.model.state_dict()
         state.update({k: v.to(state[k].dtype) for k, v in ff.items()})
         self.model.load_state_dict(state)
+        self._apply_data_hparams({k: ck["hparams"][k] for k in DATA_HPARAMS})
+
+    def _load_model(self, path: str | os.PathLike) -> None:
+        """Start from the complete state of the model saved at ``path``."""
+        ck = load_checkpoint(path)
+        try:
+            self.model.load_state_dict(ck["state_dict"])
+        except RuntimeError as err:
+            raise CheckpointError(f"{path} does not fit the model built from model_kwargs: "
+                                  f"{str(err).splitlines()[0]}") from err
         self._apply_data_hparams({k: ck["hparams"][k] for k in DATA_HPARAMS})
 
     def _apply_data_hparams(self, values: dict) -> None:
@@ -322,7 +338,8 @@ class DPWannierTrainer:
         if stage1_best.exists() and not (self.workdir / "stage2" / "last.pt").exists():
             ff = torch.load(stage1_best, map_location="cpu", weights_only=False)["state_dict"]
             self.model.load_state_dict(ff)
-        if not (self.workdir / "stage2" / "last.pt").exists():
+        # A fine-tuned model keeps the on-site reference its heads were trained against.
+        if not (self.workdir / "stage2" / "last.pt").exists() and not self.heads_given:
             set_onsite_bias(self.model, [self.train_set[i] for i in range(len(self.train_set))
                                          if self.train_keys[i] in self.h_keys])
         return self._trainer(2, epochs, lr, batch_size, **kw).fit()
@@ -404,6 +421,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--init-ff", default=None,
                    help="start from this checkpoint's force field (e.g. another run's "
                         "stage1/best.pt; use with --stage 2 to fit new heads only)")
+    p.add_argument("--init-model", default=None,
+                   help="start from this saved model's full state (force field and heads; "
+                        "use with --stage 2 to fine-tune the heads with new loss weights)")
     args = p.parse_args(argv)
     if args.lr1 is None:
         args.lr1 = 1.0 if args.optimizer1 == "lbfgs" else 5e-4
@@ -417,7 +437,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             merge_datasets(data, args.data)
     tr = DPWannierTrainer(data, args.workdir, json.loads(args.model_kwargs),
                           val_fraction=args.val_fraction, prefix=args.prefix,
-                          max_structures=args.max_structures, init_ff=args.init_ff)
+                          max_structures=args.max_structures, init_ff=args.init_ff,
+                          init_model=args.init_model)
     print(f"train {len(tr.train_keys)} / held-out {len(tr.val_keys)} structures")
     if args.stage in ("1", "all"):
         tr.stage1(args.epochs1, args.lr1, args.batch_size, w_energy=args.w_energy,
