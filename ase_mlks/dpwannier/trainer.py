@@ -417,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--max-structures", type=int, default=None)
     p.add_argument("--model-kwargs", default="{}", help="JSON of DPWannierModel arguments")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="training precision (float64: slower, finer L-BFGS line searches)")
     p.add_argument("--stage", choices=["1", "2", "all"], default="all")
     p.add_argument("--init-ff", default=None,
                    help="start from this checkpoint's force field (e.g. another run's "
@@ -438,6 +440,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     tr = DPWannierTrainer(data, args.workdir, json.loads(args.model_kwargs),
                           val_fraction=args.val_fraction, prefix=args.prefix,
                           max_structures=args.max_structures, init_ff=args.init_ff,
+                          dtype=getattr(torch, args.dtype),
                           init_model=args.init_model)
     print(f"train {len(tr.train_keys)} / held-out {len(tr.val_keys)} structures")
     if args.stage in ("1", "all"):
