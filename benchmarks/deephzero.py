@@ -27,6 +27,7 @@ from ase_mlks.deephzero.data import distorted_water, scf_references
 from ase_mlks.deephzero.density import orthogonalizer
 from ase_mlks.deephzero.engine import HARTREE, PySCFEngine, engine_from_description
 from ase_mlks.deephzero.model import DeepHE3, build_graph
+from ase_mlks.deephzero.trainer import _absolute_plateau
 from ase_mlks.deephzero.variational import FreeEnergy, variational_dft
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -123,6 +124,7 @@ def run_fig4(steps: int, lr: float, sigma: float = 0.01) -> dict:
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=20,
                                                            min_lr=1e-5)
+        _absolute_plateau(sched)  # the unsupervised loss is a negative energy (see trainer)
         hist = []
         t0 = time.perf_counter()
         target = torch.from_numpy(ref.fock)
