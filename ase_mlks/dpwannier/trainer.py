@@ -34,7 +34,11 @@ H_THRESHOLD = 1e-3  # eV: elements counted in the H metrics (as the paper)
 DATA_HPARAMS = ("min_distance",)
 # What defines a force field: these hyper-parameters must agree to reuse one (``init_ff``).
 FF_HPARAMS = ("species", "rc", "rcs", "embed", "axis", "fit", "env_norm")
-FF_PREFIXES = ("descriptor.", "fit_hidden.", "fit_out.", "d_mean", "d_std", "e_bias", "e_scale")
+# The force field's trained modules and its data-derived buffers: one definition for both
+# the stage-1 parameters (``ff_parameters``) and what ``init_ff`` copies.
+FF_MODULES = ("descriptor", "fit_hidden", "fit_out")
+FF_BUFFERS = ("d_mean", "d_std", "e_bias", "e_scale")
+FF_PREFIXES = tuple(f"{m}." for m in FF_MODULES) + FF_BUFFERS
 
 
 def stable_split(keys: Sequence[str], val_fraction: float = 0.2) -> tuple[list[str], list[str]]:
@@ -47,8 +51,7 @@ def stable_split(keys: Sequence[str], val_fraction: float = 0.2) -> tuple[list[s
 
 
 def ff_parameters(model: DPWannierModel) -> list[torch.nn.Parameter]:
-    return [*model.descriptor.parameters(), *model.fit_hidden.parameters(),
-            *model.fit_out.parameters()]
+    return [p for m in FF_MODULES for p in getattr(model, m).parameters()]
 
 
 def h_parameters(model: DPWannierModel) -> list[torch.nn.Parameter]:
