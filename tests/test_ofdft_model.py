@@ -97,3 +97,67 @@ def test_trainers_run_and_resume(tmp_path):
     assert fn.f_std > 0
     lines = (tmp_path / "fn" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1
+
+
+def test_linear_skip_starts_as_the_pca_of_log_density():
+    """Before training, a linear-skip VAE is exactly the whitened PCA of the coarse log n."""
+    tb = get_testbed("gauss3d")
+    torch.manual_seed(0)
+    vae = DensityVAE(tb.shape, tb.dv, tb.length, tb.periodic, testbed="gauss3d",
+                     **ARCHITECTURES["gauss3d"]["vae"]).eval()
+    assert vae.linear_skip
+    # smooth positive periodic fields that lie in the band the coarse grid keeps
+    x = torch.linspace(0, 1, 19)[:-1]
+    gx, gy, gz = torch.meshgrid(x, x, x, indexing="ij")
+    gen = torch.Generator().manual_seed(1)
+    c = torch.rand(60, 6, generator=gen) - 0.5
+    logn = (c[:, 0, None, None, None] * torch.cos(2 * torch.pi * gx)
+            + c[:, 1, None, None, None] * torch.sin(2 * torch.pi * gy)
+            + c[:, 2, None, None, None] * torch.cos(2 * torch.pi * (gx + gz))
+            + c[:, 3, None, None, None] * torch.sin(4 * torch.pi * gz)
+            + c[:, 4, None, None, None] * torch.cos(2 * torch.pi * (gy - gz))
+            + c[:, 5, None, None, None] * torch.sin(2 * torch.pi * (gx + gy + gz)))
+    n = torch.exp(logn)
+    n = n / (n.flatten(1).sum(1) * tb.dv).view(-1, 1, 1, 1)
+    vae.init_linear_skip(n)
+    with torch.no_grad():
+        mu, _ = vae.encode(n)
+        rec = vae.decode(mu)
+    # six modes span these fields, so the 32-component PCA reconstructs them exactly ...
+    assert torch.allclose(rec, n, rtol=1e-4, atol=1e-6 * float(n.max()))
+    # ... and the latent vectors are whitened (unit variance over the set, zero mean)
+    assert torch.allclose(mu[:, :6].std(0), torch.ones(6), atol=1e-3)
+    assert torch.allclose(mu[:, :6].mean(0), torch.zeros(6), atol=1e-4)
+    with pytest.raises(ValueError, match="softmax"):
+        DensityVAE(tb.shape, tb.dv, tb.length, True, linear_skip=True)
+
+
+def test_sine_output_decodes_band_limited_densities():
+    """gauss1d decodes sqrt(n) in the box's 48 lowest sine modes: n = psi^2 is then a cosine
+    series of at most 2 * 48 modes (no grid-scale roughness) whatever the weights."""
+    tb = get_testbed("gauss1d")
+    torch.manual_seed(2)
+    vae = DensityVAE(tb.shape, tb.dv, tb.length, tb.periodic, testbed="gauss1d",
+                     **ARCHITECTURES["gauss1d"]["vae"]).eval()
+    with torch.no_grad():
+        n = vae.decode(3 * torch.randn(3, vae.latent_dim)).double().numpy()
+    x = tb.coordinates() / tb.length
+    cos = np.cos(np.pi * np.outer(np.arange(2 * 48 + 1), x)).T
+    for row in n:
+        fit = cos @ np.linalg.lstsq(cos, row, rcond=None)[0]
+        assert np.abs(fit - row).max() < 1e-4 * row.max()
+    # a fine-grained random field (what a nearest-neighbour upsampling decoder makes) is not
+    rough = np.random.default_rng(0).random(len(x))
+    fit = cos @ np.linalg.lstsq(cos, rough, rcond=None)[0]
+    assert np.abs(fit - rough).max() > 0.1
+
+
+def test_hard_wall_gradient_feature_is_the_von_weizsaecker_integrand():
+    """Box ground state n = 2 sin^2(pi x): |n'|^2 / n = 8 pi^2 cos^2(pi x) (central differences)."""
+    tb = get_testbed("gauss1d")
+    fn = FunctionalCNN(tb.shape, tb.dv, tb.periodic, testbed="gauss1d", gradient_scale=1.0)
+    x = tb.coordinates()
+    n = 2 * np.sin(np.pi * x) ** 2
+    feat = fn._gradient_feature(torch.as_tensor(n).view(1, 1, -1)).numpy().ravel()
+    exact = 8 * np.pi**2 * np.cos(np.pi * x) ** 2
+    assert np.abs(feat - exact).max() < 1e-3 * exact.max()

@@ -99,14 +99,26 @@ class DensityVAE(nn.Module, CheckpointMixin):
                  latent_dim: int = 8, channels: Sequence[int] = (16, 16, 16, 16, 16),
                  pools: Sequence[int] = (2, 2, 2, 2, 2), kernel: int = 13,
                  dense: Sequence[int] = (100, 50), beta: float = 1e-4, testbed: str = "",
-                 upsample: str = "nearest", coarsen: int = 1):
+                 upsample: str = "nearest", coarsen: int = 1, output: str = "sigmoid",
+                 linear_skip: bool = False, sine_modes: int = 48, latent_box: float = 3.0):
         super().__init__()
         self.hparams = dict(shape=list(shape), dv=dv, length=length, periodic=periodic,
                             latent_dim=latent_dim, channels=list(channels), pools=list(pools),
                             kernel=kernel, dense=list(dense), beta=beta, testbed=testbed,
-                            upsample=upsample, coarsen=coarsen)
+                            upsample=upsample, coarsen=coarsen, output=output,
+                            linear_skip=linear_skip, sine_modes=sine_modes,
+                            latent_box=latent_box)
         if upsample not in ("nearest", "fourier") or (upsample == "fourier" and not periodic):
             raise ValueError("upsample must be 'nearest' or, for periodic grids, 'fourier'")
+        if output not in ("sigmoid", "softmax", "sine"):
+            raise ValueError("output must be 'sigmoid' (the paper's), 'softmax' or 'sine'")
+        if output == "sine" and (periodic or len(shape) != 1):
+            raise ValueError("output='sine' is the hard-wall box's basis: 1D, non-periodic")
+        if linear_skip and output != "softmax":
+            raise ValueError("linear_skip models log n, so it needs output='softmax'")
+        self.output = output
+        # half-width of the latent descent's box, in spreads of the training encodings
+        self.latent_box = float(latent_box)
         if len(channels) != len(pools):
             raise ValueError("channels and pools need one entry per convolutional block")
         self.shape = tuple(shape)
@@ -161,6 +173,25 @@ class DensityVAE(nn.Module, CheckpointMixin):
             if i + 1 < len(pools):  # the last block has the identity activation
                 dec += [nn.Softplus(), _NORM[nd](rev[i + 1])]
         self.decoder = nn.Sequential(*dec)
+        self._coarse_shape = (self.shape[0] // coarsen,) * nd
+        if output == "sine":
+            # sqrt(n) in the lowest sine modes of the hard-wall box: vanishes at the walls and
+            # is smooth, so decoded densities carry no grid-scale roughness, whose kinetic
+            # energy a functional trained on smooth ground states cannot see (48 modes
+            # represent the gauss1d ground states to |de| < 1e-10 E0; docs/ofdft.md)
+            npts = self.shape[0]
+            k = torch.arange(1, sine_modes + 1, dtype=torch.float64)
+            x = torch.arange(1, npts + 1, dtype=torch.float64) / (npts + 1)
+            basis = torch.sin(torch.pi * k[:, None] * x[None]) * (2.0 / (npts + 1)) ** 0.5
+            self.register_buffer("sine_basis", basis.float())
+        self.linear_skip = linear_skip
+        if linear_skip:
+            # A linear path log n <-> z beside the convolutional one (see init_linear_skip):
+            # started at the principal components of log n, the VAE is never worse than
+            # that PCA and its nonlinear layers only have to learn the remainder.
+            npts = math.prod(self._coarse_shape)
+            self.skip_encoder = nn.Linear(npts, latent_dim)
+            self.skip_decoder = nn.Linear(latent_dim, npts)
         # initial point of the latent descent: the mean encoding of the training set
         self.register_buffer("z_init", torch.zeros(latent_dim))
         # spread of the training encodings: the latent descent works in units of it
@@ -168,8 +199,17 @@ class DensityVAE(nn.Module, CheckpointMixin):
 
     def encode(self, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Densities (B, *shape) -> (mu, logvar), each (B, latent_dim)."""
-        h = self.encoder((n * self.dv * self._npts()).unsqueeze(1))  # scaled to mean 1
-        return self.mu_head(h), self.logvar_head(h)
+        x = (n * self.dv * self._npts()).unsqueeze(1)  # scaled to mean 1
+        h = self.encoder(x)
+        mu = self.mu_head(h)
+        if self.linear_skip:
+            mu = mu + self.skip_encoder(self._coarse_log(x).flatten(1))
+        return mu, self.logvar_head(h)
+
+    def _coarse_log(self, x: torch.Tensor) -> torch.Tensor:
+        """log of densities (B, 1, *shape) on the coarse grid the decoder's logits live on."""
+        y = torch.log(x.clamp_min(1e-12))
+        return FourierDownsample(self.coarsen, self.ndim)(y) if self.coarsen > 1 else y
 
     def _npts(self) -> int:
         return math.prod(self.shape)
@@ -177,11 +217,47 @@ class DensityVAE(nn.Module, CheckpointMixin):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent (B, latent_dim) -> densities (B, *shape), positive, dv * sum = 1."""
         h = self.decoder(self.decoder_in(z).view(-1, *self._small_shape))
+        if self.linear_skip:
+            h = h + self.skip_decoder(z).view(-1, 1, *self._coarse_shape)
         if self.coarsen > 1:  # logits on the coarse grid, interpolated band-limited
             h = self.refine(h)
+        if self.output == "softmax":  # n = exp(h) / int exp(h): log n is the logit
+            return torch.softmax(h.flatten(1), 1).view(-1, *self.shape) / self.dv
+        if self.output == "sine":  # sqrt(n) = the sigmoid amplitude on the lowest sine modes
+            # (the positive amplitude keeps psi nodeless, as a ground state is; an unsigned
+            # psi let training stall in states with nodes)
+            amp = torch.sigmoid(h.squeeze(1))
+            psi = (amp @ self.sine_basis.T) @ self.sine_basis
+            n = psi**2 + 1e-12
+            return n / (n.sum(1, keepdim=True) * self.dv)
         s = torch.sigmoid(h.squeeze(1))
         norm = s.flatten(1).sum(1) * self.dv
         return s / norm.view(-1, *([1] * self.ndim))
+
+    @torch.no_grad()
+    def init_linear_skip(self, densities: torch.Tensor) -> None:
+        """Start the VAE as the PCA of log n: densities (B, *shape) of the training set.
+
+        The linear paths get the leading ``latent_dim`` principal components of the coarse
+        log-density, whitened (z ~ N(0, 1) as the KL term wants); the last layers of the
+        nonlinear paths are zeroed, so before training encode/decode is exactly that PCA.
+        """
+        if not self.linear_skip:
+            raise ValueError("this VAE has no linear path (linear_skip=False)")
+        x = (densities * self.dv * self._npts()).unsqueeze(1)
+        y = self._coarse_log(x.double()).flatten(1)
+        mean = y.mean(0)
+        _, s, vt = torch.linalg.svd(y - mean, full_matrices=False)
+        k = self.latent_dim
+        basis, std = vt[:k], s[:k] / max(len(y) - 1, 1) ** 0.5
+        std = std.clamp_min(1e-6 * float(std[0]))  # rank-deficient sets: no infinities
+        self.skip_encoder.weight.copy_(basis / std[:, None])
+        self.skip_encoder.bias.copy_(-(basis @ mean) / std)
+        self.skip_decoder.weight.copy_((basis * std[:, None]).T)
+        self.skip_decoder.bias.copy_(mean)
+        for last in (self.mu_head[-1], self.decoder[-1]):
+            last.weight.zero_()
+            last.bias.zero_()
 
     def forward(self, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Reparameterized pass: (reconstruction, mu, logvar); uses mu at eval time."""
@@ -226,6 +302,7 @@ class FunctionalCNN(nn.Module, CheckpointMixin):
         # gradient_scale > 0 (periodic grids): a second input channel |grad n|^2 / n / scale,
         # from spectral derivatives, so the convolutions need not learn derivatives first
         self.gradient_scale = float(gradient_scale)
+        self.periodic = periodic
         self.length = (dv ** (1.0 / len(shape))) * shape[0]
         # input standardization: 3D densities vary by only ~10 % around 1, too little for the
         # Softplus layers to see their curvature (F ~ int |grad n|^2 / 8n is quadratic)
@@ -256,7 +333,16 @@ class FunctionalCNN(nn.Module, CheckpointMixin):
         return self.head(self.body(torch.cat(feats, 1))).squeeze(-1) * self.f_std + self.f_mean
 
     def _gradient_feature(self, x: torch.Tensor) -> torch.Tensor:
-        """|grad x|^2 / x by spectral derivatives on the (coarse) periodic grid, (B, 1, *g)."""
+        """|grad x|^2 / x, (B, 1, *g): spectral derivatives on a periodic grid, central
+        differences with x = 0 beyond the walls (1D hard-wall box) otherwise."""
+        if not self.periodic:
+            if self.ndim != 1:
+                raise ValueError("gradient features of a non-periodic grid: 1D only")
+            dx = self.dv ** (1.0 / self.ndim)
+            padded = nn.functional.pad(x, (1, 1))
+            grad = (padded[..., 2:] - padded[..., :-2]) / (2 * dx)
+            # the density vanishes quadratically at the walls, where the ratio stays finite
+            return grad**2 / x.clamp_min(1e-8)
         dims = tuple(range(2, x.ndim))
         m = x.shape[-1]
         k = 2 * torch.pi * torch.fft.fftfreq(m, d=self.length / m, dtype=x.dtype)
@@ -279,18 +365,30 @@ class FunctionalCNN(nn.Module, CheckpointMixin):
 # each trains on one CPU core in tens of minutes (paper: 60 channels; 60/120/180 in 3D).
 ARCHITECTURES: dict[str, dict[str, dict]] = {
     "gauss1d": {
-        "vae": dict(latent_dim=4, channels=(16,) * 5, pools=(2,) * 5, kernel=13, beta=1e-4),
-        "functional": dict(channels=(16,) * 5, pools=(2,) * 5, kernel=13),
+        "vae": dict(latent_dim=4, channels=(16,) * 5, pools=(2,) * 5, kernel=13, beta=1e-4,
+                    output="sine"),
+        # |grad n|^2 / n as a second input channel (the von Weizsaecker integrand): with the
+        # density alone the 16-channel CNN plateaued at 3.9e-3 E0 and the latent descent
+        # found decoded densities 0.03 E0 below e_gs (measured, docs/ofdft.md)
+        "functional": dict(channels=(16,) * 5, pools=(2,) * 5, kernel=13,
+                           gradient_features=True),
     },
     "speckle1d": {
+        # a PCA of log n with 16 components reconstructs held-out speckle densities to
+        # int|dn| = 0.015, the plain sigmoid VAE (30 epochs) to 0.054: start from it
         "vae": dict(latent_dim=16, channels=(16,) * 5, pools=(2,) * 5, kernel=13, beta=1e-4,
-                    upsample="fourier"),
+                    upsample="fourier", output="softmax", linear_skip=True, latent_box=6.0),
         "functional": dict(channels=(16,) * 5, pools=(2,) * 5, kernel=13),
     },
     "gauss3d": {
         # both run on the 9^3 Fourier-coarsened grid (8x cheaper; see FourierDownsample)
+        # softmax output + a linear path started at the PCA of log n: a PCA-32 of log n
+        # already reconstructs held-out densities to int|dn| = 0.002, the sigmoid VAE to 0.005
+        # latent_box 6: 12 % of the validation encodings have a coordinate beyond 3 spreads
+        # (max 4.5); a box of 3 cuts those off (one test case then ended at de = 6e-3 E0)
         "vae": dict(latent_dim=32, channels=(16, 32, 32), pools=(3, 1, 1), kernel=3, beta=1e-6,
-                    upsample="fourier", coarsen=2),
+                    upsample="fourier", coarsen=2, output="softmax", linear_skip=True,
+                    latent_box=6.0),
         "functional": dict(channels=(16, 16, 16, 16), pools=(1, 3, 3, 1), kernel=3,
                            standardize_input=True, coarsen=2, gradient_features=True),
     },

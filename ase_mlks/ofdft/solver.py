@@ -22,9 +22,10 @@ from .model import OFDFTModel
 # Default descent settings per testbed (normalized latent units, see ``latent_descent``).
 DESCENT_DEFAULTS = {"steps": 400, "lr": 0.1, "lr_final": 1e-3}
 # The descent stays inside the region the training encodings cover: each normalized latent
-# coordinate u_i = (z_i - z_init_i) / z_std_i is mapped through U_MAX tanh(w_i / U_MAX).  Far
-# outside it the decoder extrapolates to profiles the functional never saw and the descent
-# exploits the functional's errors (measured: -1 E0 violations on gauss1d without it).
+# coordinate u_i = (z_i - z_init_i) / z_std_i is mapped through b tanh(w_i / b), b the VAE's
+# ``latent_box`` (default U_MAX).  Far outside it the decoder extrapolates to profiles the
+# functional never saw and the descent exploits the functional's errors (measured: -1 E0
+# violations on gauss1d without it).
 U_MAX = 3.0
 # Plain-GD step of the naive density descent (a0^ndim E0^-1 per step), per testbed.
 DENSITY_ETA = {"gauss1d": 1e-4, "speckle1d": 5e-3, "gauss3d": 2e-4}
@@ -85,9 +86,9 @@ def latent_descent(model: OFDFTModel, potentials: torch.Tensor, *, steps: int | 
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, np.ndarray]:
     """Minimize E[z] for a batch of potentials (B, *shape) (E0).
 
-    The optimizer works on w with z = z_init + z_std U_MAX tanh(w / U_MAX), so ``lr`` is in
-    units of the spread of the training encodings whatever beta is, and z stays within
-    U_MAX spreads of the mean; the rate decays exponentially to ``lr_final``.
+    The optimizer works on w with z = z_init + z_std b tanh(w / b), b = ``vae.latent_box``,
+    so ``lr`` is in units of the spread of the training encodings whatever beta is, and z
+    stays within b spreads of the mean; the rate decays exponentially to ``lr_final``.
     Stops early once no energy changed by more than ``tol`` E0 over 20 steps.
     Returns (z (B, l_d), energies (B,), densities (B, *shape), steps, history (steps, B)).
     """
@@ -98,8 +99,9 @@ def latent_descent(model: OFDFTModel, potentials: torch.Tensor, *, steps: int | 
     b = potentials.shape[0]
     scale = vae.z_std.clamp_min(1e-6)
     start = z0 if z0 is not None else vae.z_init.expand(b, -1)
-    u0 = ((start - vae.z_init) / scale).clamp(-0.999 * U_MAX, 0.999 * U_MAX)
-    u = (U_MAX * torch.atanh(u0 / U_MAX)).detach().clone().requires_grad_(True)
+    box = vae.latent_box
+    u0 = ((start - vae.z_init) / scale).clamp(-0.999 * box, 0.999 * box)
+    u = (box * torch.atanh(u0 / box)).detach().clone().requires_grad_(True)
     if optimizer == "lbfgs":
         return _latent_lbfgs(model, potentials, u, scale, steps, tol)
     if optimizer == "adam":
@@ -130,7 +132,8 @@ def latent_descent(model: OFDFTModel, potentials: torch.Tensor, *, steps: int | 
 
 def _to_z(vae, w: torch.Tensor) -> torch.Tensor:
     """Latent vector from the unconstrained descent variable w (see U_MAX)."""
-    return vae.z_init + vae.z_std.clamp_min(1e-6) * U_MAX * torch.tanh(w / U_MAX)
+    box = vae.latent_box
+    return vae.z_init + vae.z_std.clamp_min(1e-6) * box * torch.tanh(w / box)
 
 
 def _latent_lbfgs(model: OFDFTModel, potentials: torch.Tensor, u: torch.Tensor,

@@ -79,6 +79,8 @@ def train_vae(tb: Testbed, data: dict[str, np.ndarray], workdir: str | Path, *,
     torch.manual_seed(seed)
     model = DensityVAE(tb.shape, tb.dv, tb.length, tb.periodic, testbed=tb.name, **arch)
     train_set, val_set, tr = _datasets(data, seed)
+    if model.linear_skip:  # start from the PCA of log n (a resumed run overwrites it)
+        model.init_linear_skip(train_set.tensors[0])
 
     def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, ...]):
         n = batch[0]
@@ -145,7 +147,8 @@ def train_functional(tb: Testbed, data: dict[str, np.ndarray], workdir: str | Pa
 
 def train_testbed(name: str, workdir: str | Path, *, n_train: int, seed: int = 0,
                   vae_epochs: int = 60, functional_epochs: int = 60, lr: float = 1e-3,
-                  beta: float | None = None, latent_dim: int | None = None,
+                  vae_lr: float | None = None, beta: float | None = None,
+                  latent_dim: int | None = None,
                   output: str | Path | None = None, workers: int = 1, batch_size: int = 100,
                   progress: bool = True) -> OFDFTModel:
     """Generate (or reuse) the dataset, train both networks, write the combined checkpoint."""
@@ -158,7 +161,7 @@ def train_testbed(name: str, workdir: str | Path, *, n_train: int, seed: int = 0
     if latent_dim is not None:
         tag += f"-ld{latent_dim}"
     vae = train_vae(tb, data, root / "train" / name / f"vae-{tag}", beta=beta,
-                    latent_dim=latent_dim, epochs=vae_epochs, lr=lr, seed=seed,
+                    latent_dim=latent_dim, epochs=vae_epochs, lr=vae_lr or lr, seed=seed,
                     batch_size=batch_size, progress=progress)
     func = train_functional(tb, data, root / "train" / name / "functional",
                             epochs=functional_epochs, lr=lr, seed=seed,
@@ -169,6 +172,7 @@ def train_testbed(name: str, workdir: str | Path, *, n_train: int, seed: int = 0
                units={"energy": "E0 (Hartree)", "length": "a0 (Bohr)"},
                extra={"n_train": n_train, "seed": seed, "vae_epochs": vae_epochs,
                       "functional_epochs": functional_epochs, "lr": lr,
+                      "vae_lr": vae_lr or lr,
                       "batch_size": batch_size})
     return model
 
@@ -211,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae-epochs", type=int, default=60)
     p.add_argument("--functional-epochs", type=int, default=60)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--vae-lr", type=float, default=None, help="VAE learning rate (default --lr)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--beta", type=float, default=None)
     p.add_argument("--latent-dim", type=int, default=None)
@@ -229,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     model = train_testbed(args.testbed, args.workdir, n_train=args.n_train, seed=args.seed,
                           vae_epochs=args.vae_epochs, functional_epochs=args.functional_epochs,
-                          lr=args.lr, beta=args.beta, latent_dim=args.latent_dim,
+                          lr=args.lr, vae_lr=args.vae_lr, beta=args.beta,
+                          latent_dim=args.latent_dim,
                           output=args.output, workers=args.workers,
                           batch_size=args.batch_size)
     print(json.dumps({"testbed": args.testbed,
