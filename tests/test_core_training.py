@@ -78,6 +78,9 @@ def test_lbfgs_full_batch_solves_least_squares(tmp_path):
     with pytest.raises(ValueError, match="weight_decay"):
         Trainer(model, loss_fn, data, batch_size=40, optimizer="lbfgs", weight_decay=0.1,
                 workdir=tmp_path / "wd", progress=False)
+    with pytest.raises(ValueError, match="grad_clip"):
+        Trainer(model, loss_fn, data, batch_size=40, optimizer="lbfgs", grad_clip=1.0,
+                workdir=tmp_path / "gc", progress=False)
 
 
 def test_batch_not_divisible_by_world_size_is_rejected(monkeypatch):

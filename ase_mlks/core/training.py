@@ -102,6 +102,10 @@ class Trainer:
         params = [p for p in (parameters if parameters is not None else model.parameters())
                   if p.requires_grad]
         self.params = params
+        if optimizer == "lbfgs" and grad_clip:
+            # L-BFGS's line search needs the true gradient; a clipped one breaks its curvature
+            # pairs, and silently ignoring the option would hide that it had no effect
+            raise ValueError("lbfgs does not support grad_clip")
         self.optimizer = _make_optimizer(optimizer, params, lr, weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, factor=lr_factor, patience=lr_patience, min_lr=min_lr)
