@@ -41,10 +41,11 @@ VIOLATION = 1e-4  # e_min < e_gs - 1e-4 E0 counts as a variational violation
 
 
 def _stats(e_min: np.ndarray, e_gs: np.ndarray, n_min: np.ndarray, n_gs: np.ndarray,
-           dv: float) -> dict[str, float]:
+           dv: float, diverged: np.ndarray | None = None) -> dict[str, float]:
     de = e_min - e_gs
     dn = integrated_density_error(n_min, n_gs, dv)
     finite = np.isfinite(de)
+    diverged = ~finite if diverged is None else diverged | ~finite
     return {
         "mean_abs_de_E0": float(np.mean(np.abs(de[finite]))) if finite.any() else float("nan"),
         "std_abs_de_E0": float(np.std(np.abs(de[finite]))) if finite.any() else float("nan"),
@@ -56,6 +57,9 @@ def _stats(e_min: np.ndarray, e_gs: np.ndarray, n_min: np.ndarray, n_gs: np.ndar
         "frac_violation_beyond_1mHa": float(np.mean(~finite | (de < -1e-3))),
         "frac_within_chemical_accuracy": float(np.mean(finite & (np.abs(de) < CHEMICAL_ACCURACY))),
         "frac_negative_density": float(np.mean(np.asarray(n_min).reshape(len(de), -1).min(1) < 0)),
+        # diverged: a non-finite step; the numbers above are then those of its last finite
+        # density (or none if the energy itself is non-finite)
+        "frac_diverged": float(np.mean(diverged)),
         "n": int(len(de)),
     }
 
@@ -108,8 +112,9 @@ def evaluate_testbed(name: str, model_ref: str, n_test: int, workdir: Path, out:
     res["latent_lbfgs"]["evaluations"] = int(max(nev))
     res["latent_lbfgs"]["seconds_per_instance"] = (time.perf_counter() - t0) / len(v)
 
-    e_d, n_d, _, _ = _batched(lambda x: density_descent(model, x, steps=steps), v, batch)
-    res["naive_density"] = _stats(e_d.numpy(), e_gs, n_d.numpy(), n_gs, tb.dv)
+    e_d, n_d, _, hist = _batched(lambda x: density_descent(model, x, steps=steps), v, batch)
+    diverged = np.concatenate([np.isnan(h).any(0) for h in hist])
+    res["naive_density"] = _stats(e_d.numpy(), e_gs, n_d.numpy(), n_gs, tb.dv, diverged)
 
     _histogram(name, {"latent (Adam)": e.numpy() - e_gs, "latent (L-BFGS)": e_l.numpy() - e_gs,
                       "naive density GD": e_d.numpy() - e_gs}, out / f"ofdft_hist_{name}.png")
@@ -308,7 +313,7 @@ def _print_table(r: dict) -> None:
           f"int|n_rec-n|: {r['vae_reconstruction_error']:.4f}")
     cols = ["mean_abs_de_E0", "median_abs_de_E0", "mean_de_E0", "mean_density_error",
             "frac_variational_violation_1e-4", "frac_violation_beyond_1mHa",
-            "frac_within_chemical_accuracy", "frac_negative_density"]
+            "frac_within_chemical_accuracy", "frac_negative_density", "frac_diverged"]
     print(f"{'method':18s}" + "".join(f"{c[:22]:>24s}" for c in cols))
     for method in ("latent_adam", "latent_lbfgs", "naive_density"):
         print(f"{method:18s}" + "".join(f"{r[method][c]:24.5g}" for c in cols))

@@ -161,3 +161,16 @@ def test_hard_wall_gradient_feature_is_the_von_weizsaecker_integrand():
     feat = fn._gradient_feature(torch.as_tensor(n).view(1, 1, -1)).numpy().ravel()
     exact = 8 * np.pi**2 * np.cos(np.pi * x) ** 2
     assert np.abs(feat - exact).max() < 1e-3 * exact.max()
+
+
+def test_naive_density_descent_reports_divergence_and_keeps_the_last_finite_density():
+    from ase_mlks.ofdft.solver import density_descent
+
+    model = _small("speckle1d")
+    tb = get_testbed("speckle1d")
+    v = torch.as_tensor(np.stack([tb.sample(0, i) for i in range(2)]), dtype=torch.float32)
+    e, n, _, hist = density_descent(model, v, steps=5, eta=1e-4)
+    assert np.isfinite(hist).all() and torch.isfinite(e).all()
+    e, n, _, hist = density_descent(model, v, steps=30, eta=1e36)  # absurd step: blows up
+    assert np.isnan(hist[-1]).all()
+    assert torch.isfinite(n).all() and torch.isfinite(e).all()

@@ -175,6 +175,8 @@ def density_descent(model: OFDFTModel, potentials: torch.Tensor, *, steps: int |
     n_{t+1} = n_t - eta (dF/dn + V - mu_t), with dF/dn the functional derivative (gradient
     over dv) and mu_t the grid mean of dF/dn + V, which keeps int n = 1.  Positivity is not
     enforced, as in the paper.  Starts from the decoded mean encoding unless ``n0`` is given.
+    An instance whose next step would be non-finite has diverged: it keeps its last finite
+    density (so its numbers stay inspectable) and its history is NaN from then on.
     Returns (energies (B,), densities (B, *shape), steps, history (steps, B)).
     """
     steps = steps or DESCENT_DEFAULTS["steps"]
@@ -186,17 +188,27 @@ def density_descent(model: OFDFTModel, potentials: torch.Tensor, *, steps: int |
             model.vae.z_init.expand(b, -1)).clone()
     dims = tuple(range(1, n.ndim))
     history = []
+    diverged = torch.zeros(b, dtype=torch.bool)
+    shape = (-1,) + (1,) * (n.ndim - 1)
+    n_prev = n
     with _frozen_weights(model):
         for _ in range(steps):
             n.requires_grad_(True)
             f = model.functional(n)
             (grad,) = torch.autograd.grad(f.sum(), n)
             with torch.no_grad():
+                n = n.detach()
                 e = f + (potentials * n).flatten(1).sum(1) * dv
-                history.append(e.numpy().copy())
+                blown = ~torch.isfinite(e) & ~diverged  # back to the last finite energy
+                n = torch.where(blown.view(shape), n_prev, n)
+                diverged |= blown
+                history.append(torch.where(diverged, torch.nan, e).numpy().copy())
                 g = grad / dv + potentials
                 mu = g.mean(dim=dims, keepdim=True)
-                n = (n - eta * (g - mu)).detach()
+                step = n - eta * (g - mu)
+                diverged |= ~torch.isfinite(step).flatten(1).all(1)
+                n_prev = n
+                n = torch.where(diverged.view(shape), n, step)
         with torch.no_grad():
             e = model.functional(n) + (potentials * n).flatten(1).sum(1) * dv
     return e, n, steps, np.asarray(history)
