@@ -44,21 +44,20 @@ def _stats(e_min: np.ndarray, e_gs: np.ndarray, n_min: np.ndarray, n_gs: np.ndar
            dv: float, diverged: np.ndarray | None = None) -> dict[str, float]:
     de = e_min - e_gs
     dn = integrated_density_error(n_min, n_gs, dv)
-    finite = np.isfinite(de)
-    diverged = ~finite if diverged is None else diverged | ~finite
+    diverged = ~np.isfinite(de) if diverged is None else diverged | ~np.isfinite(de)
+    finite = ~diverged  # the statistics below are over the instances that did not diverge
     return {
         "mean_abs_de_E0": float(np.mean(np.abs(de[finite]))) if finite.any() else float("nan"),
         "std_abs_de_E0": float(np.std(np.abs(de[finite]))) if finite.any() else float("nan"),
         "median_abs_de_E0": float(np.median(np.abs(de[finite]))) if finite.any() else float("nan"),
         "max_abs_de_E0": float(np.max(np.abs(de[finite]))) if finite.any() else float("nan"),
         "mean_de_E0": float(np.mean(de[finite])) if finite.any() else float("nan"),
-        "mean_density_error": float(np.nanmean(dn)),
+        "mean_density_error": float(np.mean(dn[finite])) if finite.any() else float("nan"),
         "frac_variational_violation_1e-4": float(np.mean(~finite | (de < -VIOLATION))),
         "frac_violation_beyond_1mHa": float(np.mean(~finite | (de < -1e-3))),
         "frac_within_chemical_accuracy": float(np.mean(finite & (np.abs(de) < CHEMICAL_ACCURACY))),
         "frac_negative_density": float(np.mean(np.asarray(n_min).reshape(len(de), -1).min(1) < 0)),
-        # diverged: a non-finite step; the numbers above are then those of its last finite
-        # density (or none if the energy itself is non-finite)
+        # diverged (a non-finite step): counted as violations, left out of the means
         "frac_diverged": float(np.mean(diverged)),
         "n": int(len(de)),
     }
