@@ -378,7 +378,8 @@ ARCHITECTURES: dict[str, dict[str, dict]] = {
         # int|dn| = 0.015, the plain sigmoid VAE (30 epochs) to 0.054: start from it
         "vae": dict(latent_dim=16, channels=(16,) * 5, pools=(2,) * 5, kernel=13, beta=1e-4,
                     upsample="fourier", output="softmax", linear_skip=True, latent_box=6.0),
-        "functional": dict(channels=(16,) * 5, pools=(2,) * 5, kernel=13),
+        "functional": dict(channels=(16,) * 5, pools=(2,) * 5, kernel=13,
+                           gradient_features=True),
     },
     "gauss3d": {
         # both run on the 9^3 Fourier-coarsened grid (8x cheaper; see FourierDownsample)
