@@ -83,6 +83,38 @@ def _reduced_size(size: int, pools: Sequence[int]) -> int:
     return size
 
 
+def _central_first_derivative(half_width: int) -> torch.Tensor:
+    """Coefficients c_1..c_h of the central first derivative f' = sum_k c_k (f_k - f_-k) / dx."""
+    k = torch.arange(1, half_width + 1, dtype=torch.float64)
+    # order-2h conditions: sum_k c_k k^(2m-1) = 1/2 for m = 1, 0 for m = 2..h
+    a = torch.stack([k ** (2 * m - 1) for m in range(1, half_width + 1)])
+    rhs = torch.zeros(half_width, dtype=torch.float64)
+    rhs[0] = 0.5
+    return torch.linalg.solve(a, rhs)
+
+
+def _wall_gradient(x: torch.Tensor, dv: float, half_width: int) -> torch.Tensor:
+    """d/dx of a density on the interior points of a hard-wall box, (B, 1, N).
+
+    The wave function is odd through each wall, so the density is even: the ghost points are
+    0 on the wall and mirror images beyond it.
+    """
+    dx = dv
+    h = half_width
+    zero = torch.zeros_like(x[..., :1])
+    left = torch.cat([x[..., : h - 1].flip(-1), zero], -1)
+    right = torch.cat([zero, x[..., -(h - 1):].flip(-1)], -1) if h > 1 else zero
+    if h == 1:
+        left = zero
+    padded = torch.cat([left, x, right], -1)
+    n = x.shape[-1]
+    c = _central_first_derivative(h).to(x.dtype)
+    grad = torch.zeros_like(x)
+    for k in range(1, h + 1):
+        grad = grad + c[k - 1] * (padded[..., h + k: h + k + n] - padded[..., h - k: h - k + n])
+    return grad / dx
+
+
 class DensityVAE(nn.Module, CheckpointMixin):
     """beta-VAE of density profiles (Costa et al., Table I), decoder output positive and normalized.
 
@@ -293,16 +325,19 @@ class FunctionalCNN(nn.Module, CheckpointMixin):
                  pools: Sequence[int] = (2, 2, 2, 2, 2), kernel: int = 13,
                  f_mean: float = 0.0, f_std: float = 1.0, testbed: str = "",
                  n_mean: float = 0.0, n_std: float = 1.0, coarsen: int = 1,
-                 gradient_scale: float = 0.0):
+                 gradient_scale: float = 0.0, gradient_half_width: int = 1):
         super().__init__()
         self.hparams = dict(shape=list(shape), dv=dv, periodic=periodic, channels=list(channels),
                             pools=list(pools), kernel=kernel, f_mean=f_mean, f_std=f_std,
                             testbed=testbed, n_mean=n_mean, n_std=n_std, coarsen=coarsen,
-                            gradient_scale=gradient_scale)
+                            gradient_scale=gradient_scale,
+                            gradient_half_width=gradient_half_width)
         # gradient_scale > 0 (periodic grids): a second input channel |grad n|^2 / n / scale,
         # from spectral derivatives, so the convolutions need not learn derivatives first
         self.gradient_scale = float(gradient_scale)
         self.periodic = periodic
+        # hard-wall box: central differences of this half width (1: 3-point, 4: 9-point)
+        self.gradient_half_width = int(gradient_half_width)
         self.length = (dv ** (1.0 / len(shape))) * shape[0]
         # input standardization: 3D densities vary by only ~10 % around 1, too little for the
         # Softplus layers to see their curvature (F ~ int |grad n|^2 / 8n is quadratic)
@@ -338,9 +373,7 @@ class FunctionalCNN(nn.Module, CheckpointMixin):
         if not self.periodic:
             if self.ndim != 1:
                 raise ValueError("gradient features of a non-periodic grid: 1D only")
-            dx = self.dv ** (1.0 / self.ndim)
-            padded = nn.functional.pad(x, (1, 1))
-            grad = (padded[..., 2:] - padded[..., :-2]) / (2 * dx)
+            grad = _wall_gradient(x, self.dv, self.gradient_half_width)
             # the density vanishes quadratically at the walls, where the ratio stays finite
             return grad**2 / x.clamp_min(1e-8)
         dims = tuple(range(2, x.ndim))
@@ -371,7 +404,7 @@ ARCHITECTURES: dict[str, dict[str, dict]] = {
         # density alone the 16-channel CNN plateaued at 3.9e-3 E0 and the latent descent
         # found decoded densities 0.03 E0 below e_gs (measured, docs/ofdft.md)
         "functional": dict(channels=(16,) * 5, pools=(2,) * 5, kernel=13,
-                           gradient_features=True),
+                           gradient_features=True, gradient_half_width=4),
     },
     "speckle1d": {
         # a PCA of log n with 16 components reconstructs held-out speckle densities to
