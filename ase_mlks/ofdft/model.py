@@ -404,7 +404,7 @@ ARCHITECTURES: dict[str, dict[str, dict]] = {
         # density alone the 16-channel CNN plateaued at 3.9e-3 E0 and the latent descent
         # found decoded densities 0.03 E0 below e_gs (measured, docs/ofdft.md)
         "functional": dict(channels=(16,) * 5, pools=(2,) * 5, kernel=13,
-                           gradient_features=True, gradient_half_width=4),
+                           gradient_features=True),
     },
     "speckle1d": {
         # a PCA of log n with 16 components reconstructs held-out speckle densities to
