@@ -15,6 +15,7 @@ runs N structures side by side; ``--mpi N`` re-launches the same command under
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -126,6 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="default", help="G0W0 settings preset (see gw.py)")
     p.add_argument("--workdir", default="runs/gw")
     p.add_argument("--mpi", type=int, default=0)
+    p = sub.add_parser("relax", help="relax a stored structure with GPAW (+D3); resumable")
+    p.add_argument("--record", required=True, help="HDF5 file holding the structure")
+    p.add_argument("--key", required=True, help="record to relax; relaxed_positions go back")
+    p.add_argument("--workdir", required=True, help="BFGS trajectory/Hessian (resume)")
+    p.add_argument("--fmax", type=float, default=0.05, help="max |F| criterion (eV/Å)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--kpts", type=int, nargs=2, default=None, help="SCF k-grid (k1 k2)")
+    p.add_argument("--h", type=float, default=None, help="grid spacing (Å)")
+    p.add_argument("--fast", action="store_true", help="FAST settings (tests)")
+    p.add_argument("--no-d3", action="store_true", help="skip D3 dispersion")
+    p.add_argument("--txt", default=None, help="GPAW text log")
+    p.add_argument("--mpi", type=int, default=0, help="re-run under 'gpaw -P N'")
     p = sub.add_parser("summary", help="table of what an output file holds")
     p.add_argument("files", nargs="+")
     p = sub.add_parser("extract", help="copy records into another file (fixtures, splits)")
@@ -166,6 +179,8 @@ def _run(args, command: str) -> int:
     from .settings import require_gpaw
 
     require_gpaw()
+    if args.cmd == "relax":
+        return _relax(args, command)
     if args.cmd == "gw":
         from .gw import run_gw_dataset
 
@@ -203,6 +218,26 @@ def _run(args, command: str) -> int:
     print(f"{len(new)} new structures written to {args.out}")
     return 0
 
+def _relax(args, command: str) -> int:
+    from ..core.dataset import StructureDataset
+    from .relax import relax_structure, store_relaxation
+
+    with StructureDataset(args.record, "r") as ds:
+        if args.key not in ds:
+            raise SystemExit(f"error: no record {args.key!r} in {args.record}")
+        rec = ds.read(args.key)
+    atoms = rec["atoms"]
+    # the k-grid of the record's own SCF, so that relaxed and stored forces agree
+    stored = json.loads(rec["attrs"].get("settings", "{}"))
+    settings = _settings(args, tuple(stored.get("kpts", (1, 1))))
+    result = relax_structure(atoms, args.workdir, settings, fmax=args.fmax, steps=args.steps,
+                             txt=args.txt)
+    print(f"{args.key}: {result.steps} BFGS steps, max |F| {result.fmax:.4f} eV/Å, "
+          f"E {result.energy:.4f} eV, {result.cpu_time:.0f} CPU-s"
+          + ("" if result.converged else " (NOT converged: run again to continue)"))
+    if result.converged:
+        store_relaxation(args.record, args.key, result, settings, args.fmax, command)
+    return 0 if result.converged else 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,90 @@
+"""GPAW(+D3) relaxation of stored structures: storage (fast, no GPAW) and a resumed run (slow)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from ase_mlks.core.dataset import StructureDataset
+from ase_mlks.core.errors import AseMlksError
+from ase_mlks.reference.relax import RelaxResult, relax_structure, store_relaxation
+from ase_mlks.reference.settings import FAST
+
+DATA = Path(__file__).parent / "data"
+
+
+def _result(n: int, shift: float = 0.01) -> RelaxResult:
+    pos = np.arange(3 * n, dtype=float).reshape(n, 3) * 0.1 + shift
+    return RelaxResult(positions=pos, energy=-1.5, steps=7, fmax=0.02, cpu_time=3.0,
+                       converged=True)
+
+
+def test_store_relaxation_adds_the_relaxed_geometry_and_keeps_the_record(tmp_path):
+    path = tmp_path / "mono.h5"
+    shutil.copyfile(DATA / "mos2_monolayer.h5", path)
+    with StructureDataset(path, "r") as ds:
+        before = ds.read("monolayer_MoS2")
+    res = _result(len(before["atoms"]))
+    store_relaxation(path, "monolayer_MoS2", res, FAST, 0.05, command="test")
+    with StructureDataset(path, "r") as ds:
+        after = ds.read("monolayer_MoS2")
+    np.testing.assert_array_equal(after["relaxed_positions"], res.positions)  # float64 kept
+    assert float(after["relaxed_energy"]) == -1.5
+    meta = json.loads(after["attrs"]["relaxation"])
+    assert meta["steps"] == 7 and meta["fmax_target"] == 0.05 and meta["settings"]["h"] == 0.25
+    for name, value in before.items():  # nothing else changed
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(after[name], value)
+    # storing again replaces the relaxation instead of failing
+    store_relaxation(path, "monolayer_MoS2", _result(len(res.positions), 0.5), FAST, 0.05)
+    with StructureDataset(path, "r") as ds:
+        assert ds.read("monolayer_MoS2")["relaxed_positions"][0, 0] == pytest.approx(0.5)
+
+
+def test_store_relaxation_refuses_a_wrong_record_and_leaves_the_file_intact(tmp_path):
+    path = tmp_path / "mono.h5"
+    shutil.copyfile(DATA / "mos2_monolayer.h5", path)
+    original = path.read_bytes()
+    with pytest.raises(AseMlksError, match="atoms"):
+        store_relaxation(path, "monolayer_MoS2", _result(5), FAST, 0.05)
+    with pytest.raises(AseMlksError, match="no record"):
+        store_relaxation(path, "nope", _result(3), FAST, 0.05)
+    assert path.read_bytes() == original
+
+
+def test_relaxed_twisted_fixture_is_consistent():
+    """When the 21.79 degree fixture holds a GPAW relaxation, it belongs to that structure."""
+    with h5py.File(DATA / "mos2_twisted_1_2.h5") as f:
+        g = f["twisted_MoS2_1_2"]
+        if "relaxed_positions" not in g:
+            pytest.skip("fixture has no GPAW relaxation yet")
+        pos, rel = g["positions"][()], g["relaxed_positions"][()]
+        meta = json.loads(g.attrs["relaxation"])
+    assert rel.shape == pos.shape
+    assert meta["converged"] and meta["fmax"] <= meta["fmax_target"]
+    # a relaxation moves atoms by tenths of an Å, not by bond lengths
+    assert np.abs(rel - pos).max() < 0.5
+
+
+@pytest.mark.slow
+def test_relaxation_resumes_from_its_workdir(tmp_path):
+    pytest.importorskip("gpaw")
+    with StructureDataset(DATA / "mos2_monolayer.h5", "r") as ds:
+        atoms = ds.read_atoms("monolayer_MoS2")
+    atoms.positions[0, 2] += 0.05  # push Mo out of the S-S midplane
+    settings = FAST.with_kpts((2, 2))
+    first = relax_structure(atoms, tmp_path, settings, fmax=1e-4, steps=1)
+    assert not first.converged and first.steps == 1
+    second = relax_structure(atoms, tmp_path, settings, fmax=1e-4, steps=1)
+    assert second.steps == 2
+    from ase.io import read
+
+    images = read(str(tmp_path / "relax.traj"), ":")
+    # the resumed run started where the first one stopped, not from the input geometry
+    np.testing.assert_allclose(images[2].positions, first.positions, atol=1e-10)
+    assert np.abs(first.positions - atoms.positions).max() > 1e-4
+    with pytest.raises(AseMlksError, match="another structure"):
+        relax_structure(atoms[:2], tmp_path, settings, steps=1)
