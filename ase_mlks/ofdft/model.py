@@ -99,20 +99,16 @@ def _wall_gradient(x: torch.Tensor, dv: float, half_width: int) -> torch.Tensor:
     The wave function is odd through each wall, so the density is even: the ghost points are
     0 on the wall and mirror images beyond it.
     """
-    dx = dv
-    h = half_width
+    h, n = half_width, x.shape[-1]
     zero = torch.zeros_like(x[..., :1])
     left = torch.cat([x[..., : h - 1].flip(-1), zero], -1)
-    right = torch.cat([zero, x[..., -(h - 1):].flip(-1)], -1) if h > 1 else zero
-    if h == 1:
-        left = zero
+    right = torch.cat([zero, x[..., n - h + 1:].flip(-1)], -1)
     padded = torch.cat([left, x, right], -1)
-    n = x.shape[-1]
     c = _central_first_derivative(h).to(x.dtype)
     grad = torch.zeros_like(x)
     for k in range(1, h + 1):
         grad = grad + c[k - 1] * (padded[..., h + k: h + k + n] - padded[..., h - k: h - k + n])
-    return grad / dx
+    return grad / dv  # 1D: the volume element is the grid spacing
 
 
 class DensityVAE(nn.Module, CheckpointMixin):
