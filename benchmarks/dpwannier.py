@@ -211,13 +211,40 @@ def twisted(calc, paths: list[Path], out: Path) -> list[dict]:
         row.update(relax_steps=opt.nsteps, relax_s=time.perf_counter() - t0,
                    relax_max_dz_A=float(np.abs(relaxed.positions[:, 2] - z0).max()))
         if "relaxed_positions" in rec:
-            dz = relaxed.positions[:, 2] - rec["relaxed_positions"][:, 2]
-            dz -= dz.mean()
-            row["relaxed_vs_gpaw_max_dz_A"] = float(np.abs(dz).max())
+            row.update(_compare_relaxations(atoms, relaxed, rec))
         else:
             row["relaxed_vs_gpaw"] = "no GPAW-relaxed structure in the fixture"
         results.append(row)
     return results
+
+
+def _interlayer_mo_distance(atoms) -> float:
+    """Mean z of the upper layer's Mo minus that of the lower layer's (Å)."""
+    from ase_mlks.core.graph import assign_layers
+
+    layer = assign_layers(atoms)
+    mo = atoms.numbers == 42
+    z = atoms.positions[:, 2]
+    return float(z[mo & (layer == layer.max())].mean() - z[mo & (layer == layer.min())].mean())
+
+
+def _compare_relaxations(start, model_relaxed, rec: dict) -> dict:
+    """Model relaxation vs the GPAW one from the same start: interlayer distance, the
+    atomic displacements (rigid translation removed) and the relaxation energies."""
+    gpaw = start.copy()
+    gpaw.positions = rec["relaxed_positions"]
+    d = model_relaxed.positions - gpaw.positions
+    d -= d.mean(axis=0)
+    out = {"relaxed_vs_gpaw_max_dz_A": float(np.abs(d[:, 2]).max()),
+           "relaxed_vs_gpaw_rmsd_A": float(np.sqrt((d ** 2).sum(axis=1).mean())),
+           "interlayer_MoMo_start_A": _interlayer_mo_distance(start),
+           "interlayer_MoMo_gpaw_A": _interlayer_mo_distance(gpaw),
+           "interlayer_MoMo_model_A": _interlayer_mo_distance(model_relaxed)}
+    if "relaxed_energy" in rec and "energy" in rec:
+        out["relax_energy_gpaw_meV"] = 1e3 * float(rec["relaxed_energy"] - rec["energy"])
+        out["relax_energy_model_meV"] = 1e3 * float(model_relaxed.get_potential_energy()
+                                                    - start.get_potential_energy())
+    return out
 
 
 def _twisted_h_errors(calc, rec: dict) -> dict:
@@ -428,6 +455,14 @@ def _table(res: dict) -> str:
                      f"{r.get('band_mae_meV', float('nan')):.0f} meV, gap error "
                      f"{r.get('gap_error_meV', float('nan')):.0f} meV, relax max dz "
                      f"{r['relax_max_dz_A']:.3f} Å")
+        if "interlayer_MoMo_gpaw_A" in r:
+            lines.append("  vs GPAW relaxation: Mo-Mo interlayer "
+                         f"{r['interlayer_MoMo_start_A']:.3f}"
+                         f" -> GPAW {r['interlayer_MoMo_gpaw_A']:.3f} / model "
+                         f"{r['interlayer_MoMo_model_A']:.3f} Å; RMSD "
+                         f"{r['relaxed_vs_gpaw_rmsd_A']:.3f} Å; relaxation energy GPAW "
+                         f"{r.get('relax_energy_gpaw_meV', float('nan')):.0f} / model "
+                         f"{r.get('relax_energy_model_meV', float('nan')):.0f} meV")
     lines.append(f"{'natoms':>7} {'model E+F s':>12} {'model bands s':>14} {'GPAW E+F s':>11}"
                  f" {'ratio':>8}")
     for r in res.get("speed", []):

@@ -196,3 +196,31 @@ def test_large_cell_solver_matches_dense(calc):
     sigma = float(np.median(ham.eigenvalues(kpts[:1])))
     ref = ham.eigenvalues(kpts, nbands=10, sigma=sigma, solver="dense")
     assert np.allclose(eigenvalues_near(ham, kpts, 10, sigma), ref, atol=1e-8)
+
+
+def test_shipped_model_relaxes_the_twisted_cell_like_gpaw():
+    """The shipped model's BFGS minimum of the unseen 21.79 degree cell vs GPAW's (LCAO dzp
+    PBE + D3, fmax 0.03 eV/Å). Measured (session 5): interlayer Mo-Mo 6.378 vs 6.325 Å,
+    RMSD 0.027 Å; the bounds are about twice that, to catch a regressed force field."""
+    from pathlib import Path
+
+    from ase_mlks.core.graph import assign_layers
+
+    with StructureDataset(Path(__file__).parent / "data" / "mos2_twisted_1_2.h5", "r") as ds:
+        rec = ds.read("twisted_MoS2_1_2")
+    if "relaxed_positions" not in rec:
+        pytest.skip("fixture has no GPAW relaxation")
+    atoms = rec["atoms"]
+    atoms.calc = DPWannierCalc(model="mos2-bilayer")
+    BFGS(atoms, logfile=None).run(fmax=0.01, steps=200)
+    gpaw = atoms.copy()
+    gpaw.positions = rec["relaxed_positions"]
+
+    def mo_mo(a):
+        layer, z, mo = assign_layers(a), a.positions[:, 2], a.numbers == 42
+        return z[mo & (layer == layer.max())].mean() - z[mo & (layer == layer.min())].mean()
+
+    assert abs(mo_mo(atoms) - mo_mo(gpaw)) < 0.1
+    d = atoms.positions - gpaw.positions
+    d -= d.mean(axis=0)
+    assert np.sqrt((d ** 2).sum(axis=1).mean()) < 0.06
