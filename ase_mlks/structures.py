@@ -91,6 +91,10 @@ MATERIALS: dict[str, Material] = {
         Material("HfS2", "1T", 3.64, 2.88),
         Material("SnS2", "1T", 3.70, 2.96),
         Material("PtS2", "1T", 3.57, 2.47),
+        Material("ZrSe2", "1T", 3.80, 3.18),
+        Material("HfSe2", "1T", 3.75, 3.14),
+        Material("SnSe2", "1T", 3.87, 3.24),
+        Material("PtSe2", "1T", 3.75, 2.62),
     )
 }
 ALIASES = {"hBN": "BN", "hbn": "BN", "graphene": "C2", "C": "C2"}

@@ -9,7 +9,13 @@ import torch
 from ase_mlks.core.errors import StructureError
 from ase_mlks.gw.data import build_monolayer
 from ase_mlks.gw.model import GWModel
-from ase_mlks.gw.trainer import fit_baselines, fit_gw, score_gw, split_states
+from ase_mlks.gw.trainer import (
+    fit_baselines,
+    fit_gw,
+    score_gw,
+    select_features,
+    split_states,
+)
 from ase_mlks.structures import bilayer, monolayer
 
 
@@ -94,3 +100,38 @@ def test_whole_materials_for_early_stopping(tmp_path):
     _, res = fit_gw(small_model(), data, tmp_path, epochs=2, progress=False, patience=2,
                     seed=1, val_materials=2)
     assert res["val_materials"] == split["val_names"] and res["val"]["n"] == 80
+
+
+def test_feature_subsets_are_columns_of_the_full_features():
+    model = small_model()
+    mu, energy = torch.rand(5, 4), torch.linspace(-2, 2, 5)
+    ctx = torch.rand(model.feature_size("full") - 5)
+    full = model.features(mu, energy, ctx)
+    for feats in ("state", "state_density", "state_super", "energy"):
+        sub = model.with_features(feats)
+        cols = torch.as_tensor(model.feature_columns(feats))
+        assert torch.equal(sub.features(mu, energy, ctx), full[:, cols])
+        assert not bool(sub.head_trained)
+        for name, value in model.density_vae.state_dict().items():  # encoders are copied
+            assert torch.equal(sub.density_vae.state_dict()[name], value)
+    assert torch.equal(full[:, torch.as_tensor(model.feature_columns("energy"))][:, 0], energy)
+    with pytest.raises(ValueError, match="does not compute"):
+        model.with_features("state").feature_columns("full")
+
+
+def test_leave_one_material_out_never_sees_held_out_materials(tmp_path):
+    model = small_model()
+    data = synthetic_data(model, ["A", "B", "C", "MoS2"])
+    data["MoS2"]["y"] = torch.full_like(data["MoS2"]["y"], float("nan"))  # poison
+    best, table = select_features(model, data, candidates=("full", "state"),
+                                  workdir=tmp_path, epochs=3, patience=3, progress=False)
+    assert set(table) == {"full", "state"} and best in table
+    for row in table.values():
+        assert set(row) == {"A", "B", "C", "mean"}
+        assert np.isfinite(list(row.values())).all()
+        assert row["mean"] == pytest.approx(np.mean([row[n] for n in "ABC"]))
+    assert table[best]["mean"] == min(r["mean"] for r in table.values())
+    fitted, res = fit_gw(model, data, tmp_path / "final", epochs=3, progress=False, patience=3,
+                         features=best)
+    assert fitted.hparams["features"] == best == res["features"]
+    assert fitted.head.net[0].in_features == model.feature_size(best)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -237,11 +238,18 @@ class GWHead(nn.Module):
         return self.net(x).squeeze(-1)
 
 
-# Which inputs of Eq. (3) the head sees; "energy" alone is the baseline network.
+# Which inputs of Eq. (3) the head sees; "energy" alone is the baseline network. The
+# reduced sets drop per-material context blocks: with ~10 training materials the 216
+# context features (super states + density) can identify a material rather than describe it,
+# so which set generalizes is chosen by leave-one-material-out validation (trainer).
 FEATURE_SETS = {
     "full": ("state", "energy", "super", "density"),
+    "state_density": ("state", "energy", "density"),
+    "state_super": ("state", "energy", "super"),
+    "state": ("state", "energy"),
     "energy": ("energy",),
 }
+FEATURE_ORDER = ("state", "energy", "super", "density")
 
 
 class GWModel(nn.Module, CheckpointMixin):
@@ -280,17 +288,37 @@ class GWModel(nn.Module, CheckpointMixin):
         self.register_buffer("head_trained", torch.zeros((), dtype=torch.bool))
 
     def feature_size(self, features: str) -> int:
-        parts = FEATURE_SETS[features]
-        size = 0
-        if "state" in parts:
-            size += self.state_vae.latent
-        if "energy" in parts:
-            size += 1
-        if "super" in parts:
-            size += self.nsuper * (self.super_vae.latent + 1)
-        if "density" in parts:
-            size += self.density_vae.latent
-        return size
+        sizes = self._part_sizes()
+        return sum(sizes[part] for part in FEATURE_SETS[features])
+
+    def _part_sizes(self) -> dict[str, int]:
+        return {"state": self.state_vae.latent, "energy": 1,
+                "super": self.nsuper * (self.super_vae.latent + 1),
+                "density": self.density_vae.latent}
+
+    def feature_columns(self, features: str) -> np.ndarray:
+        """Indices of the raw features of set ``features`` within this model's raw features
+        (to train a head on a subset of the inputs without encoding the states again)."""
+        own, sub = FEATURE_SETS[self.hparams["features"]], FEATURE_SETS[features]
+        missing = [p for p in sub if p not in own]
+        if missing:
+            raise ValueError(f"feature set {features!r} needs {missing}, which a model with "
+                             f"features={self.hparams['features']!r} does not compute")
+        sizes, cols, start = self._part_sizes(), [], 0
+        for part in FEATURE_ORDER:
+            if part in own:
+                if part in sub:
+                    cols.append(np.arange(start, start + sizes[part]))
+                start += sizes[part]
+        return np.concatenate(cols)
+
+    def with_features(self, features: str) -> GWModel:
+        """A model with the same (trained) encoders and a fresh, untrained head on the inputs
+        ``features`` (a key of FEATURE_SETS)."""
+        new = GWModel(**{**self.hparams, "features": features})
+        for name in ("state_vae", "super_vae", "density_vae"):
+            getattr(new, name).load_state_dict(getattr(self, name).state_dict())
+        return new
 
     @torch.no_grad()
     def context(self, super_x: torch.Tensor, super_energies: torch.Tensor,

@@ -187,7 +187,8 @@ def head_loss(model: torch.nn.Module, batch):
 def train_head(model: GWModel, x_train: torch.Tensor, y_train: torch.Tensor,
                x_val: torch.Tensor | None, y_val: torch.Tensor | None,
                workdir: str | Path, epochs: int = 1000, lr: float = 1e-3, batch_size: int = 64,
-               seed: int = 0, progress: bool = True, patience: int = 100) -> GWModel:
+               seed: int = 0, progress: bool = True, patience: int = 100,
+               weight_decay: float = 1e-5) -> GWModel:
     """Fit the head (encoders frozen) to Sigma targets (eV); sets the standardization."""
     model.feature_mean.copy_(x_train.mean(0))
     model.feature_std.copy_(x_train.std(0).clamp_min(1e-6))
@@ -198,7 +199,8 @@ def train_head(model: GWModel, x_train: torch.Tensor, y_train: torch.Tensor,
         p.requires_grad_(False)
     val = TensorPairs(x_val, y_val) if x_val is not None and len(y_val) else None
     trainer = Trainer(model, head_loss, TensorPairs(x_train, y_train), val,
-                      collate_fn=collate_pairs, batch_size=batch_size, lr=lr, weight_decay=1e-5,
+                      collate_fn=collate_pairs, batch_size=batch_size, lr=lr,
+                      weight_decay=weight_decay,
                       max_epochs=epochs, patience=patience, lr_patience=20, workdir=workdir,
                       seed=seed, progress=progress, parameters=model.head.parameters())
     trainer.fit()
@@ -350,10 +352,64 @@ def split_states(data: dict[str, dict], held_out: Sequence[str] = HELD_OUT,
             "te": te, "tr": tr, "val_names": val_names, "stop": stop}
 
 
-def energy_column(model: GWModel) -> slice:
+def energy_column(model: GWModel) -> torch.Tensor:
     """Column of eps_nk - E_F in the model's raw features."""
-    p = model.state_vae.latent
-    return slice(p, p + 1) if model.hparams["features"] == "full" else slice(0, 1)
+    return torch.as_tensor(model.feature_columns("energy"))
+
+
+def restrict_features(model: GWModel, data: dict[str, dict], features: str
+                      ) -> tuple[GWModel, dict[str, dict]]:
+    """``model`` with a fresh head on the subset ``features`` of its inputs, and ``data``
+    (encoded by ``model``) with only those columns."""
+    cols = torch.as_tensor(model.feature_columns(features))
+    sub = {n: {**d, "x": d["x"][:, cols]} for n, d in data.items()}
+    return model.with_features(features), sub
+
+
+# Feature sets tried by leave-one-material-out selection; "energy" alone is the baseline and
+# is not a candidate (the model must use the Kohn-Sham states).
+CANDIDATE_FEATURES = ("full", "state_density", "state_super", "state")
+
+
+def leave_one_material_out(model: GWModel, data: dict[str, dict], features: str,
+                           held_out: Sequence[str] = HELD_OUT, workdir: str | Path = "runs/gw/cv",
+                           epochs: int = 1000, patience: int = 100, seed: int = 0,
+                           progress: bool = False) -> dict[str, float]:
+    """MAE (eV) of a head on ``features`` for each training material when it is left out of
+    the fit (early stopping on 10 % of the other materials' states). The held-out materials
+    take no part, so the choice of inputs made from these numbers never sees them."""
+    fresh, sub = restrict_features(model, data, features)
+    names = [n for n in sub if n not in held_out]
+    out = {}
+    for name in names:
+        fold = {n: sub[n] for n in names if n != name}
+        split = split_states(fold, (), 0.1, seed)
+        x, y, tr = (split[k] for k in ("x", "y", "tr"))
+        head = train_head(fresh.with_features(features), x[tr], y[tr], *split["stop"],
+                          Path(workdir) / features / name, epochs=epochs, seed=seed,
+                          progress=progress, patience=patience)
+        head.eval()
+        with torch.no_grad():
+            out[name] = float((head(sub[name]["x"]) - sub[name]["y"]).abs().mean())
+    return out
+
+
+def select_features(model: GWModel, data: dict[str, dict],
+                    candidates: Sequence[str] = CANDIDATE_FEATURES,
+                    held_out: Sequence[str] = HELD_OUT, workdir: str | Path = "runs/gw/cv",
+                    epochs: int = 1000, patience: int = 100, seed: int = 0,
+                    progress: bool = True) -> tuple[str, dict]:
+    """The candidate input set with the lowest mean leave-one-material-out MAE; returns it
+    and the table {features: {material: MAE, "mean": MAE}} (eV)."""
+    from tqdm.auto import tqdm
+
+    table = {}
+    for feats in tqdm(candidates, desc="leave-one-material-out", disable=not progress):
+        per = leave_one_material_out(model, data, feats, held_out, workdir, epochs, patience,
+                                     seed)
+        table[feats] = {**per, "mean": float(np.mean(list(per.values())))}
+    best = min(table, key=lambda f: table[f]["mean"])
+    return best, table
 
 
 def fit_baselines(model: GWModel, split: dict, workdir: str | Path, epochs: int = 1000,
@@ -404,9 +460,12 @@ def score_gw(model: GWModel, base: GWModel, scissor: dict[bool, float], data: di
 def fit_gw(model: GWModel, data: dict[str, dict], workdir: str | Path,
            held_out: Sequence[str] = HELD_OUT, test_fraction: float = 0.1, seed: int = 0,
            epochs: int = 1000, progress: bool = True, patience: int = 100,
-           val_materials: int = 0) -> tuple[GWModel, dict]:
+           val_materials: int = 0, features: str | None = None) -> tuple[GWModel, dict]:
     """Train the GW head and the two baselines on the same split; MAEs (eV) of all three
-    (see :func:`split_states`, :func:`fit_baselines`, :func:`score_gw`)."""
+    (see :func:`split_states`, :func:`fit_baselines`, :func:`score_gw`). ``features``: a
+    subset of the model's inputs for the head (default: all the model computes)."""
+    if features is not None and features != model.hparams["features"]:
+        model, data = restrict_features(model, data, features)
     split = split_states(data, held_out, test_fraction, seed, val_materials)
     x, y, tr = (split[k] for k in ("x", "y", "tr"))
     model = train_head(model, x[tr], y[tr], *split["stop"], Path(workdir) / "head",
@@ -416,7 +475,7 @@ def fit_gw(model: GWModel, data: dict[str, dict], workdir: str | Path,
     base.eval()
     res = score_gw(model, base, scissor, data, split, held_out)
     res.update(seed=seed, test_fraction=test_fraction, epochs=epochs, patience=patience,
-               n_val_materials=val_materials)
+               n_val_materials=val_materials, features=model.hparams["features"])
     return model, res
 
 
@@ -498,6 +557,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     h.add_argument("--seed", type=int, default=0, help="split and initialization seed")
     h.add_argument("--val-materials", type=int, default=0,
                    help="training materials set aside whole for early stopping")
+    h.add_argument("--features", default="full",
+                   choices=[*CANDIDATE_FEATURES, "auto"],
+                   help="head inputs; 'auto' picks the set with the lowest "
+                        "leave-one-material-out MAE on the training materials")
     h.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.cmd == "vae":
@@ -532,9 +595,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         names = [n for n in gw_materials(args.gw)
                  if args.materials is None or n in args.materials]
         data = head_data(model, args.gw, names, args.gpw_dir, args.cache)
+        features, selection = args.features, None
+        if features == "auto":
+            features, selection = select_features(model, data,
+                                                  workdir=Path(args.workdir) / "cv",
+                                                  epochs=args.epochs, patience=args.patience,
+                                                  seed=args.seed)
+            print(json.dumps({"selected": features, "leave_one_material_out": selection},
+                             indent=1))
         model, res = fit_gw(model, data, args.workdir, epochs=args.epochs,
                             patience=args.patience, seed=args.seed,
-                            val_materials=args.val_materials)
+                            val_materials=args.val_materials, features=features)
+        if selection is not None:
+            res["feature_selection"] = {"selected": features,
+                                        "leave_one_material_out_MAE_eV": selection}
         extra.update(head="trained", head_training=res)
         model.save(args.out, extra=extra, data_hash=hash_file(args.gw))
         print(json.dumps(res, indent=1))
