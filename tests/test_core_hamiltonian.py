@@ -99,6 +99,28 @@ def test_dense_shift_invert_chosen_for_long_range_large_cells():
     assert ham.pair_fill() > 0.1 and ham.choose_solver(6, 0.1) == "shift-invert"
 
 
+def test_band_path_reuses_factorizations_and_matches_dense(monkeypatch):
+    """Along a path, shift-invert keeps an earlier k-point's factorization as a Davidson
+    preconditioner; the bands nearest sigma must equal dense diagonalization at every k."""
+    atoms = graphene_sheet((16, 16, 1))  # 512 orbitals, disordered: many crossings near 0.3
+    rng = np.random.default_rng(5)
+    ham = PzTightBindingCalc(t=T, cutoff=1.6, onsite=rng.normal(0, 0.3, len(atoms))
+                             ).build_hamiltonian(atoms)
+    kpts = np.linspace([0, 0, 0], [0.5, 0.25, 0], 25)
+    factorizations = []
+    original = TBHamiltonian._shifted_inverse
+
+    def counted(self, k, sigma):
+        factorizations.append(k)
+        return original(self, k, sigma)
+
+    monkeypatch.setattr(TBHamiltonian, "_shifted_inverse", counted)
+    path = ham.eigenvalues(kpts, nbands=12, sigma=0.3, solver="shift-invert")
+    dense = ham.eigenvalues(kpts, nbands=12, sigma=0.3, solver="dense")
+    np.testing.assert_allclose(path, dense, atol=1e-8, rtol=0)
+    assert len(factorizations) <= 7  # every 5th k-point (5) plus rare fallbacks
+
+
 def test_each_solver_name_runs_its_own_solver(monkeypatch):
     """'shift-invert' and 'auto' must reach the solver they name, not a fallback."""
     atoms = graphene_sheet((4, 4, 1))

@@ -73,3 +73,20 @@ def test_plumbing_on_gpaw(mos2_calc):
     assert bs.energies.shape == (1, 12, 6)
     assert np.allclose(bs.path.kpts[0], 0)
     assert {"band_structure_s", "path_dft_s", "predict_s"} <= set(gw.timings)
+
+
+def test_state_only_head_needs_no_context_run():
+    """A head on KS states and energies alone must not start the context DFT run."""
+    torch.manual_seed(0)
+    m = GWModel(vae=dict(channels=8), super_vae=dict(channels=8), density_vae=dict(channels=8),
+                features="state")
+    gw = GWCorrection(m.eval())
+
+    def forbidden(calc):
+        raise AssertionError("context DFT run started")
+
+    gw.context_calculator = forbidden
+    assert not m.uses_context and small_model(True).uses_context
+    ctx = gw.material_context(calc=object())
+    feats = m.features(torch.rand(3, m.state_vae.latent), torch.zeros(3), ctx)
+    assert feats.shape == (3, m.state_vae.latent + 1)

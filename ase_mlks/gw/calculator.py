@@ -109,7 +109,10 @@ class GWCorrection:
         return context_calculator(calc)
 
     def material_context(self, calc) -> torch.Tensor:
-        """Encoded super states + density of ``calc``'s material (cached per calculator)."""
+        """Encoded super states + density of ``calc``'s material (cached per calculator);
+        empty, with no extra DFT run, when the head does not use them."""
+        if not self.model.uses_context:
+            return torch.zeros(0)
         key = id(calc)
         if key not in self._contexts:
             t0 = time.perf_counter()

@@ -291,6 +291,11 @@ class GWModel(nn.Module, CheckpointMixin):
         sizes = self._part_sizes()
         return sum(sizes[part] for part in FEATURE_SETS[features])
 
+    @property
+    def uses_context(self) -> bool:
+        """Does the head read the material context (super states or density)?"""
+        return bool({"super", "density"} & set(FEATURE_SETS[self.hparams["features"]]))
+
     def _part_sizes(self) -> dict[str, int]:
         return {"state": self.state_vae.latent, "energy": 1,
                 "super": self.nsuper * (self.super_vae.latent + 1),
