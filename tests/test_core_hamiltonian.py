@@ -118,7 +118,7 @@ def test_band_path_reuses_factorizations_and_matches_dense(monkeypatch):
     path = ham.eigenvalues(kpts, nbands=12, sigma=0.3, solver="shift-invert")
     dense = ham.eigenvalues(kpts, nbands=12, sigma=0.3, solver="dense")
     np.testing.assert_allclose(path, dense, atol=1e-8, rtol=0)
-    assert len(factorizations) <= 7  # every 5th k-point (5) plus rare fallbacks
+    assert len(factorizations) <= 5  # every 10th k-point (3) plus rare fallbacks
 
 
 def test_each_solver_name_runs_its_own_solver(monkeypatch):

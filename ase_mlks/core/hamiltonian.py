@@ -250,8 +250,8 @@ class TBHamiltonian:
         order = np.argsort(e)
         return e[order], v[:, order]
 
-    def _eig_path(self, kpts, nbands, sigma, tol: float = 1e-5, max_iter: int = 15,
-                  refactor_every: int = 5):
+    def _eig_path(self, kpts, nbands, sigma, tol: float = 1e-4, max_iter: int = 20,
+                  refactor_every: int = 10):
         """Shift-invert along a sequence of nearby k-points (orthonormal basis).
 
         Fresh shift-invert Lanczos costs one dense factorization of H(k) - sigma and a few
