@@ -27,7 +27,7 @@ from ase_mlks.deephzero.data import distorted_water, scf_references
 from ase_mlks.deephzero.density import orthogonalizer
 from ase_mlks.deephzero.engine import HARTREE, PySCFEngine, engine_from_description
 from ase_mlks.deephzero.model import DeepHE3, build_graph
-from ase_mlks.deephzero.trainer import _absolute_plateau
+from ase_mlks.deephzero.trainer import SYSTEMS, _absolute_plateau
 from ase_mlks.deephzero.variational import FreeEnergy, variational_dft
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -167,56 +167,65 @@ def run_fig4(steps: int, lr: float, sigma: float = 0.01) -> dict:
 
 
 # -- generalization + cost -----------------------------------------------------------------
+def _test_set(model: DeepHE3, n_test: int, seed: int) -> tuple[str, list[Atoms], dict]:
+    """Unseen structures of the system the model was trained on (recorded in the checkpoint:
+    distorted water, or rattled/strained bcc Na) and that system's engine settings."""
+    system = (model.checkpoint_meta.get("extra") or {}).get("system", "h2o")
+    gen, eng_kw, _, _ = SYSTEMS[system]
+    return system, gen(n_test, seed=seed), eng_kw
+
+
+def _state_errors(h: np.ndarray, ref: dict, window_ha: float = 2.0 / HARTREE) -> dict:
+    """H and eigenvalue errors (meV) of H_theta(k) (nk, n, n) against an SCF reference:
+    occupied levels (below the reference chemical potential) at every k, the lowest empty
+    level (molecules) and the levels within 2 eV of mu (metals)."""
+    S = np.asarray(ref["overlap"])
+    fock = np.asarray(ref["fock"])
+    e_ref = np.asarray(ref["mo_energy"], dtype=float)
+    X = orthogonalizer(S)
+    e_pred = np.array([np.linalg.eigvalsh(x.conj().T @ hk @ x) for x, hk in zip(X, h)])
+    occ = e_ref < ref["mu"]
+    near = np.abs(e_ref - ref["mu"]) < window_ha
+    out = {"H_mae_meV": float(np.mean(np.abs(h - fock))) * HARTREE * 1e3,
+           "occ_eig_mae_meV": float(np.mean(np.abs(e_pred - e_ref)[occ])) * HARTREE * 1e3}
+    if len(h) > 1:  # metal: the levels near the Fermi level
+        out["eig_mae_within_2eV_of_mu_meV"] = \
+            float(np.mean(np.abs(e_pred - e_ref)[near])) * HARTREE * 1e3
+    if len(h) == 1:  # molecule: the LUMO, fixed only by the self-consistency term
+        nocc = int(occ[0].sum())
+        out["lumo_err_meV"] = float(abs(e_pred[0, nocc] - e_ref[0, nocc])) * HARTREE * 1e3
+    return out
+
+
 def run_generalization(model_name: str, n_test: int, seed: int,
                        n_timing: int = 5, with_engine: bool = True) -> dict:
     model = DeepHE3.load(model_name)
     desc = model.engine_description
     sigma = model.sigma
-    structures = distorted_water(n_test, seed=seed)
-    eng_kw = {k: desc[k] for k in ("basis", "xc")}
-    eng_kw["grid_level"] = desc.get("grid_level", 3)
-    refs = scf_references(structures, eng_kw, sigma, OUT / f"deephzero_test_seed{seed}.h5")
+    system, structures, eng_kw = _test_set(model, n_test, seed)
+    cache = f"deephzero_test_seed{seed}.h5" if system == "h2o" else \
+        f"deephzero_test_{system}_seed{seed}.h5"
+    refs = scf_references(structures, eng_kw, sigma, OUT / cache)
     rows = []
     t_inf, t_scf = [], []
     for n, (atoms, ref) in enumerate(zip(structures, refs)):
+        eng = engine_from_description(atoms, desc) if (with_engine or any(atoms.pbc)) else None
+        kpts = [eng.kpts] if any(atoms.pbc) else None
         t0 = time.perf_counter()  # inference = neighbour graph + network forward pass
         g = build_graph([atoms], model.cutoff, model.species)
         with torch.no_grad():
-            h = model.hamiltonian_k(g)[0]
+            h = model.hamiltonian_k(g, kpts)[0]
         t_inf.append(time.perf_counter() - t0)
-        if not with_engine:  # accuracy of H and eigenvalues only (no DFT call)
-            S = np.asarray(ref["overlap"], dtype=float)
-            X = orthogonalizer(S)[0]
-            e_pred = np.linalg.eigvalsh(X.T @ h[0].numpy() @ X)
-            e_ref = np.asarray(ref["mo_energy"], dtype=float)[0]
-            fock = np.asarray(ref["fock"], dtype=float)[0]
-            nocc = int(round(float(np.sum(ref["dm"][0] * S[0])))) // 2  # tr(DS) = N
-            rows.append({
-                "H_mae_meV": float(np.mean(np.abs(h[0].numpy() - fock))) * HARTREE * 1e3,
-                "occ_eig_mae_meV": float(np.mean(np.abs(e_pred[:nocc] - e_ref[:nocc])))
-                * HARTREE * 1e3,
-                "lumo_err_meV": float(abs(e_pred[nocc] - e_ref[nocc])) * HARTREE * 1e3})
-            continue
-        eng = engine_from_description(atoms, desc)
-        if n < n_timing:  # cost: one SCF of the same engine, side by side
-            t0 = time.perf_counter()
-            eng.scf(sigma)
-            t_scf.append(time.perf_counter() - t0)
-        fe = FreeEnergy(eng, sigma=sigma, sc_weight=0.0)
-        terms = fe.evaluate(h)
-        X = orthogonalizer(eng.overlap())[0]
-        e_pred = np.linalg.eigvalsh(X.T @ h[0].numpy() @ X)
-        e_ref = np.asarray(ref["mo_energy"], dtype=float)[0]
-        fock = np.asarray(ref["fock"], dtype=float)[0]
-        nocc = int(round(eng.nelectron)) // 2
-        rows.append({
-            "H_mae_meV": float(np.mean(np.abs(h[0].numpy() - fock))) * HARTREE * 1e3,
-            "occ_eig_mae_meV": float(np.mean(np.abs(e_pred[:nocc] - e_ref[:nocc])))
-            * HARTREE * 1e3,
-            "lumo_err_meV": float(abs(e_pred[nocc] - e_ref[nocc])) * HARTREE * 1e3,
-            "dE_meV": (float(terms.free_energy.detach()) - float(ref["free_energy"]))
-            * HARTREE * 1e3,
-        })
+        row = _state_errors(h.numpy(), ref)
+        if with_engine:
+            if n < n_timing:  # cost: one SCF of the same engine, side by side
+                t0 = time.perf_counter()
+                eng.scf(sigma)
+                t_scf.append(time.perf_counter() - t0)
+            terms = FreeEnergy(eng, sigma=sigma, sc_weight=0.0).evaluate(h)
+            row["dE_meV"] = (float(terms.free_energy.detach()) - float(ref["free_energy"])) \
+                * HARTREE * 1e3
+        rows.append(row)
     summary = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     summary["inference_s"] = float(np.median(t_inf))
     if with_engine:
@@ -224,8 +233,8 @@ def run_generalization(model_name: str, n_test: int, seed: int,
         summary["dE_max_meV"] = float(max(r["dE_meV"] for r in rows))
         summary["scf_s"] = float(np.median(t_scf))
         summary["speedup_scf_over_inference"] = summary["scf_s"] / summary["inference_s"]
-    out = {"model": model_name, "n_test": n_test, "seed": seed, "summary": summary,
-           "rows": rows, "engine": desc, "sigma": sigma}
+    out = {"model": model_name, "system": system, "n_test": n_test, "seed": seed,
+           "summary": summary, "rows": rows, "engine": desc, "sigma": sigma}
     _save(f"generalization_{Path(model_name).stem}", out)
     for k, v in summary.items():
         print(f"{k:28s} {v:.4g}")
