@@ -256,7 +256,7 @@ class TBHamiltonian:
 
         Fresh shift-invert Lanczos costs one dense factorization of H(k) - sigma and a few
         hundred single-vector triangular solves per k-point (measured on 4,796 orbitals:
-        5 s + 21 s). Along a band path H(k) changes little between neighbours, so each
+        5 s + 18-21 s). Along a band path H(k) changes little between neighbours, so each
         k-point instead runs a block Davidson iteration (:func:`_davidson_near`) started from
         the previous k-point's eigenvectors and preconditioned by the factorization of an
         earlier k-point, renewed every ``refactor_every`` k-points or when Davidson does not
@@ -411,7 +411,8 @@ def _davidson_near(H, start: np.ndarray, sigma: float, nbands: int, solve, tol: 
     spurious Ritz values near sigma (mixtures of states far above and below) and stalls.
     Only the ``nbands`` states nearest sigma must reach residual < ``tol``; the other
     m - nbands are a buffer that speeds convergence and catches bands entering the window.
-    H @ V is kept and extended, never recomputed (the sparse products dominate otherwise).
+    H @ V is kept and extended, recomputed only at a thick restart (the sparse products
+    dominate otherwise).
     Returns (e, v) of the m (default: as many as ``start`` has columns) tracked states
     (v orthonormal, e ascending), or None when not converged in ``max_iter`` iterations.
     """

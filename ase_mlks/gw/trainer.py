@@ -378,14 +378,14 @@ def leave_one_material_out(model: GWModel, data: dict[str, dict], features: str,
     """MAE (eV) of a head on ``features`` for each training material when it is left out of
     the fit (early stopping on 10 % of the other materials' states). The held-out materials
     take no part, so the choice of inputs made from these numbers never sees them."""
-    fresh, sub = restrict_features(model, data, features)
+    _, sub = restrict_features(model, data, features)
     names = [n for n in sub if n not in held_out]
     out = {}
     for name in names:
         fold = {n: sub[n] for n in names if n != name}
         split = split_states(fold, (), 0.1, seed)
         x, y, tr = (split[k] for k in ("x", "y", "tr"))
-        head = train_head(fresh.with_features(features), x[tr], y[tr], *split["stop"],
+        head = train_head(model.with_features(features), x[tr], y[tr], *split["stop"],
                           Path(workdir) / features / name, epochs=epochs, seed=seed,
                           progress=progress, patience=patience)
         head.eval()
