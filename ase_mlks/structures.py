@@ -30,6 +30,7 @@ __all__ = [
     "MATERIALS",
     "Material",
     "TwistInfo",
+    "apply_inplane_strain",
     "bilayer",
     "bilayer_configuration",
     "find_near_commensurate",
@@ -195,14 +196,20 @@ def bilayer_configuration(rng: np.random.Generator, material: str | Material = "
                           size: tuple[int, int] = (2, 2), stacking: str = "AA",
                           gap_range: tuple[float, float] = (-0.3, 0.7),
                           rattle_probability: float = 0.9, rattle_std: float = 0.04,
-                          vacuum: float = 6.0) -> Atoms:
+                          vacuum: float = 6.0, strain: float = 0.0) -> Atoms:
     """One DPWannier-style training configuration of a bilayer supercell.
 
     The top layer is displaced rigidly by a random 3-D vector: in-plane uniformly anywhere in
     the primitive cell, out of plane by a uniform offset in ``gap_range`` (Å) around the
     equilibrium interlayer distance. With probability ``rattle_probability`` every atom is
     then moved by a Gaussian of standard deviation ``rattle_std`` (Å) per Cartesian component.
-    atoms.info records shift (fractional), interlayer (Å) and rattle_std (0 if not rattled).
+    With ``strain`` > 0 the whole cell (both layers) is then deformed in-plane by a random
+    symmetric strain tensor: a biaxial part uniform in [−strain, strain] plus an anisotropic
+    part (ε_xx − ε_yy)/2 and a shear ε_xy, each uniform in [−strain/4, strain/4]. This gives
+    the compressed and stretched layers of near-commensurate twisted cells, which unstrained
+    configurations never show the force field.
+    atoms.info records shift (fractional), interlayer (Å), rattle_std (0 if not rattled) and,
+    with strain, the strain tensor (eps_xx, eps_yy, eps_xy).
     """
     mat = get_material(material)
     shift = rng.uniform(0.0, 1.0, size=2)
@@ -214,7 +221,31 @@ def bilayer_configuration(rng: np.random.Generator, material: str | Material = "
         atoms.positions += rng.normal(0.0, std, size=(len(atoms), 3))
         atoms.wrap()
     atoms.info["rattle_std"] = float(std)
+    if strain > 0:
+        # drawn after everything else so unstrained configurations of a seed stay the same
+        # biaxial part uniform over the full range (near-commensurate cells strain a layer
+        # biaxially: -3.2 % at 3.42°, -7.2 % at 8.95°) plus a smaller anisotropic part
+        biaxial = rng.uniform(-strain, strain)
+        aniso, exy = rng.uniform(-strain / 4, strain / 4, size=2)
+        exx, eyy = biaxial + aniso, biaxial - aniso
+        apply_inplane_strain(atoms, np.array([[exx, exy], [exy, eyy]]))
+        atoms.info["strain"] = (float(exx), float(eyy), float(exy))
     return atoms
+
+
+def apply_inplane_strain(atoms: Atoms, eps: np.ndarray) -> None:
+    """Deform ``atoms`` in place by the symmetric 2×2 in-plane strain ``eps`` (x, y only).
+
+    Cell vectors and positions map as r -> (1 + ε) r in the plane; z is untouched, so
+    layer thicknesses and the interlayer distance stay as they were.
+    """
+    eps = np.asarray(eps, float)
+    if eps.shape != (2, 2) or not np.allclose(eps, eps.T):
+        raise StructureError(f"in-plane strain must be a symmetric 2x2 tensor, got {eps!r}")
+    deform = np.eye(3)
+    deform[:2, :2] += eps
+    atoms.set_cell(atoms.cell[:] @ deform.T, scale_atoms=False)
+    atoms.positions = atoms.positions @ deform.T
 
 
 def random_bilayer_configurations(n: int, seed: int = 0, **kwargs) -> list[Atoms]:

@@ -41,3 +41,52 @@ def test_torch_view(tmp_path):
             ds.append(f"s{n}", molecule("CH4"), energy=np.array(float(n)))
     view = TorchStructureDataset(path, transform=lambda r: float(r["energy"]))
     assert len(view) == 3 and sorted(view[i] for i in range(3)) == [0.0, 1.0, 2.0]
+
+
+def _contents(path):
+    import h5py
+
+    out = {}
+    with h5py.File(path, "r") as f:
+        out["/"] = dict(f.attrs)
+
+        def visit(name, obj):
+            attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                     for k, v in obj.attrs.items()}
+            if isinstance(obj, h5py.Dataset):
+                out[name] = (obj.dtype.str, obj[()].tobytes() if obj.shape else obj[()], attrs)
+            else:
+                out[name] = attrs
+
+        f.visititems(visit)
+    return out
+
+
+def test_repack_keeps_every_value_and_shrinks_small_records(tmp_path):
+    import h5py
+
+    from ase_mlks.core.io import repack_hdf5
+
+    path = tmp_path / "d.h5"
+    # the old layout: every array chunked and gzip-compressed, however small
+    with h5py.File(path, "w") as f:
+        f.attrs["version"] = 3
+        for n in range(6):
+            g = f.create_group(f"s{n}")
+            g.attrs["settings"] = '{"xc": "PBE"}'
+            g.create_dataset("energy", data=np.float32(-n))
+            g.create_dataset("forces", data=np.random.default_rng(n).normal(size=(24, 3))
+                             .astype(np.float32), compression="gzip", shuffle=True)
+            g.create_dataset("positions", data=np.arange(72.0).reshape(24, 3),
+                             compression="gzip", shuffle=True)
+            g.create_dataset("big", data=np.linspace(0, 1, 1500, dtype=np.float32),
+                             compression="gzip", shuffle=True)
+        del f["s5"]  # a deleted record leaves free space behind
+    before = _contents(path)
+    size_before, size_after = repack_hdf5(path)
+    assert _contents(path) == before
+    assert size_after < 0.7 * size_before
+    with h5py.File(path, "r") as f:
+        assert f["s0/forces"].compression is None          # small: contiguous
+        assert f["s0/big"].compression == "gzip"             # large: still compressed
+        assert sorted(f) == ["s0", "s1", "s2", "s3", "s4"]

@@ -8,6 +8,7 @@ from ase.neighborlist import neighbor_list
 
 from ase_mlks.core.errors import StructureError
 from ase_mlks.structures import (
+    apply_inplane_strain,
     bilayer,
     bilayer_configuration,
     find_near_commensurate,
@@ -120,3 +121,29 @@ def test_bilayer_configurations_reproducible_and_varied():
     assert shifts.std(axis=0).min() > 0.15  # spread over the cell
     c = bilayer_configuration(np.random.default_rng(1), rattle_probability=0.0)
     assert c.info["rattle_std"] == 0.0
+
+
+def test_strained_configurations_deform_cell_and_bonds_only_in_plane():
+    plain = bilayer_configuration(np.random.default_rng([0, 7]), rattle_probability=0.0)
+    strained = bilayer_configuration(np.random.default_rng([0, 7]), rattle_probability=0.0,
+                                     strain=0.08)
+    exx, eyy, exy = strained.info["strain"]
+    assert abs(exx + eyy) / 2 <= 0.08 and abs(exx - eyy) / 2 <= 0.02 and abs(exy) <= 0.02
+    eps = np.array([[exx, exy], [exy, eyy]])
+    # same draw up to the strain: undo it and the unstrained configuration comes back
+    assert np.allclose(strained.cell[:2, :2], plain.cell[:2, :2] @ (np.eye(2) + eps).T)
+    assert np.allclose(strained.positions[:, 2], plain.positions[:, 2])
+    # a bond vector d maps to (1 + eps) d: check every Mo-S bond length
+    i, j, S, dv = neighbor_list("ijSD", plain, 2.6)
+    i2, j2, S2, dv2 = neighbor_list("ijSD", strained, 2.9)
+    pairs = {(a, b, *s): d for a, b, s, d in zip(i2, j2, S2, dv2)}
+    for a, b, s, d in zip(i, j, S, dv):
+        expect = d.copy()
+        expect[:2] = (np.eye(2) + eps) @ d[:2]
+        assert np.allclose(pairs[(a, b, *s)], expect, atol=1e-9)
+
+
+def test_apply_inplane_strain_rejects_non_symmetric_tensor():
+    atoms = bilayer("MoS2")
+    with pytest.raises(StructureError, match="symmetric"):
+        apply_inplane_strain(atoms, np.array([[0.01, 0.02], [0.0, 0.01]]))

@@ -11,6 +11,10 @@ from pathlib import Path
 import numpy as np
 
 COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+# Below this size an array is stored contiguous and uncompressed: a chunked, gzip-filtered
+# dataset carries a chunk index of a few kB, more than gzip saves on a small array
+# (measured: 13 kB instead of 42 kB per 24-atom force record).
+SMALL_ARRAY_BYTES = 4096
 
 
 @contextlib.contextmanager
@@ -40,7 +44,7 @@ def write_array(group, name: str, array, dtype=np.float32):
     """Write ``array`` into an h5py group, gzip-compressed; floats stored as ``dtype``.
 
     Integer and boolean arrays keep their type; complex arrays become complex64 when
-    ``dtype`` is float32.
+    ``dtype`` is float32. Arrays under ``SMALL_ARRAY_BYTES`` are stored uncompressed.
     """
     a = np.asarray(array)
     if np.issubdtype(a.dtype, np.complexfloating):
@@ -49,9 +53,40 @@ def write_array(group, name: str, array, dtype=np.float32):
         a = a.astype(dtype)
     if name in group:
         del group[name]
-    if a.ndim == 0:
+    return _create(group, name, a)
+
+
+def _create(group, name: str, a: np.ndarray):
+    if a.ndim == 0 or a.nbytes < SMALL_ARRAY_BYTES:
         return group.create_dataset(name, data=a)
     return group.create_dataset(name, data=a, **COMPRESSION)
+
+
+def repack_hdf5(path: str | os.PathLike) -> tuple[int, int]:
+    """Rewrite an HDF5 file with the storage rules of :func:`write_array`, atomically.
+
+    Every group, dataset (values and dtypes unchanged) and attribute is copied; only the
+    on-disk layout changes (small arrays contiguous, large ones gzip + shuffle), and the
+    free space left by deleted records is dropped. Returns (bytes before, bytes after).
+    """
+    import h5py
+
+    path = Path(path)
+    before = path.stat().st_size
+    with atomic_path(path) as tmp, h5py.File(path, "r") as src, h5py.File(tmp, "w") as dst:
+        _copy_group(src, dst)
+    return before, path.stat().st_size
+
+
+def _copy_group(src, dst) -> None:
+    import h5py
+
+    dst.attrs.update(src.attrs)
+    for name, obj in src.items():
+        if isinstance(obj, h5py.Group):
+            _copy_group(obj, dst.create_group(name))
+        else:
+            _create(dst, name, np.asarray(obj[()])).attrs.update(obj.attrs)
 
 
 def read_array(group, name: str, dtype=None) -> np.ndarray:

@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stacking", default="AA")
+    p.add_argument("--strain", type=float, default=0.0,
+                   help="max in-plane strain of the cell (e.g. 0.08 for ±8 %%)")
+    p.add_argument("--prefix", default="bl", help="record names: PREFIX + 5-digit index")
     p = sub.add_parser("monolayer", help="monolayers of 2D materials")
     _common(p)
     p.add_argument("--materials", nargs="+", default=["MoS2"])
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mpi", type=int, default=0, help="re-run under 'gpaw -P N'")
     p = sub.add_parser("summary", help="table of what an output file holds")
     p.add_argument("files", nargs="+")
+    p = sub.add_parser("repack", help="rewrite files compactly (small arrays uncompressed)")
+    p.add_argument("files", nargs="+")
     p = sub.add_parser("extract", help="copy records into another file (fixtures, splits)")
     p.add_argument("source")
     p.add_argument("keys", nargs="+")
@@ -150,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         from .summary import extract
 
         extract(args.source, args.keys, args.out)
+        return 0
+    if args.cmd == "repack":
+        from ..core.io import repack_hdf5
+
+        for path in args.files:
+            before, after = repack_hdf5(path)
+            print(f"{path}: {before / 1e6:.3f} MB -> {after / 1e6:.3f} MB")
         return 0
     if args.cmd == "summary":
         from .summary import print_summary
@@ -191,7 +203,8 @@ def _run(args, command: str) -> int:
         items = list(pipeline.bilayer_items(args.start, args.count, seed=args.seed,
                                             material=args.material,
                                             size=tuple(args.supercell),
-                                            stacking=args.stacking))
+                                            stacking=args.stacking,
+                                            strain=args.strain, prefix=args.prefix))
         n = max(args.supercell)
         settings = _settings(args, (max(1, 6 // n), max(1, 6 // n)))
         basis = _basis_for(items[0][1])
