@@ -113,6 +113,38 @@ def test_lbfgs_stage_and_new_heads_on_a_trained_force_field(trained, tmp_path):
                          init_model=trained["path"])
 
 
+def test_fine_tuning_on_compressed_cells_widens_the_accepted_range(trained, tmp_path):
+    """New data that come closer than the old model's (strained cells) lower min_distance;
+    the calculator then accepts them instead of refusing its own training structures."""
+    old = torch.load(trained["path"], weights_only=False)["hparams"]["min_distance"]
+    calc = DPWannierCalc(model=_teacher())
+    path = tmp_path / "compressed.h5"
+    with StructureDataset(path) as ds:
+        for n in range(3):
+            atoms = bilayer_configuration(np.random.default_rng([9, n]), size=(2, 2),
+                                          rattle_std=0.05, strain=0.08)
+            atoms.set_cell(atoms.cell[:] * [0.85, 0.85, 1.0], scale_atoms=True)
+            calc.reset()
+            ds.append(f"c{n}", atoms, energy=np.array(calc.get_potential_energy(atoms)),
+                      forces=calc.get_forces(atoms))
+    tuned = DPWannierTrainer(path, tmp_path / "tune", model_kwargs=SMALL, progress=False,
+                             init_model=trained["path"], val_fraction=0.0)
+    closest = min(float(_distances(atoms).min()) for atoms in _records(path))
+    assert tuned.model.min_distance < old
+    assert tuned.model.min_distance == pytest.approx(0.85 * closest, abs=1e-3)
+
+
+def _records(path):
+    with StructureDataset(path, "r") as ds:
+        return [ds.read(k)["atoms"] for k in ds.keys()]
+
+
+def _distances(atoms):
+    from ase.neighborlist import neighbor_list
+
+    return neighbor_list("d", atoms, 4.0)
+
+
 @pytest.fixture()
 def calc(trained):
     return DPWannierCalc(model=str(trained["path"]))

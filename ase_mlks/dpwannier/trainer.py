@@ -138,9 +138,7 @@ def initialize_from_data(model: DPWannierModel, samples: Sequence[Sample]) -> No
     dtype = _dtype(model)
     g = batch_graphs([s.graph for s in samples]).to(dtype)
     model.set_descriptor_stats(g)
-    # Closest approach the calculator accepts: 85% of the shortest distance in the data.
-    vec = model._vectors(g.positions, g.cell, g.batch, g.ff_i, g.ff_j, g.ff_shift)
-    dmin = 0.85 * float(vec.norm(dim=1).min())
+    dmin = closest_approach(model, samples)
     model.min_distance = dmin
     model.hparams["min_distance"] = round(dmin, 3)
     counts = np.array([np.bincount(s.graph.species.numpy(), minlength=len(model.species))
@@ -149,6 +147,17 @@ def initialize_from_data(model: DPWannierModel, samples: Sequence[Sample]) -> No
     bias, *_ = np.linalg.lstsq(counts, energies, rcond=None)
     model.e_bias.copy_(torch.as_tensor(bias, dtype=model.e_bias.dtype))
     set_onsite_bias(model, samples)
+
+
+@torch.no_grad()
+def closest_approach(model: DPWannierModel, samples: Sequence[Sample]) -> float:
+    """Closest approach the calculator accepts (Å): 85% of the shortest distance in the data.
+
+    Below that the force field has seen nothing, so the calculator refuses the structure.
+    """
+    g = batch_graphs([s.graph for s in samples]).to(_dtype(model))
+    vec = model._vectors(g.positions, g.cell, g.batch, g.ff_i, g.ff_j, g.ff_shift)
+    return 0.85 * float(vec.norm(dim=1).min())
 
 
 @torch.no_grad()
@@ -256,6 +265,11 @@ class DPWannierTrainer:
                 self._load_force_field(init_ff)
             if init_model is not None:
                 self._load_model(init_model)
+            if init_ff is not None or init_model is not None:
+                # new data (strained cells, say) may come closer than the old model's data
+                train = [self.train_set[i] for i in range(len(self.train_set))]
+                dmin = min(self.model.min_distance, closest_approach(self.model, train))
+                self._apply_data_hparams({"min_distance": round(dmin, 3)})
             rank, _ = distributed_context()
             if rank == 0:
                 self.workdir.mkdir(parents=True, exist_ok=True)
