@@ -208,3 +208,23 @@ def test_disentanglement_keeps_frozen_bands_exactly():
     assert smin > 0
     with pytest.raises(ValueError, match="frozen window"):
         wannier_hk(data, np.arange(1), selection=sel)
+
+
+def test_gw_convergence_study_checks_settings_and_resumes_from_its_log(tmp_path):
+    import json
+
+    from ase_mlks.reference.gw import PRESETS, convergence_study
+    from ase_mlks.structures import monolayer
+
+    atoms = monolayer("MoS2")
+    with pytest.raises(ValueError, match="unknown G0W0 settings"):
+        convergence_study(atoms, {"bad": {"omega_max": 30}}, tmp_path)
+    with pytest.raises(ValueError, match="unknown G0W0 preset"):
+        convergence_study(atoms, {"w20": {"omega2": 20}}, tmp_path, base="nope")
+    # a finished variant is read back from the log, not recomputed (GPAW is never called)
+    row = {"settings": PRESETS["minimal"].todict(), "gap_ks": 1.66, "gap_qp": 2.8,
+           "cpu_time_gs": 1.0, "cpu_time_gw": 2.0, "qp_vbm": -1.0, "qp_cbm": 1.8}
+    log = tmp_path / "study.jsonl"
+    log.write_text(json.dumps({"w20": row}) + "\n")
+    assert convergence_study(atoms, {"w20": {"omega2": 20}}, tmp_path, log_path=log) == \
+        {"w20": row}

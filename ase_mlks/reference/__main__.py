@@ -130,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="default", help="G0W0 settings preset (see gw.py)")
     p.add_argument("--workdir", default="runs/gw")
     p.add_argument("--mpi", type=int, default=0)
+    p = sub.add_parser("gw-study", help="G0W0 convergence study of one monolayer (resumable)")
+    p.add_argument("--material", default="MoS2")
+    p.add_argument("--base", default="minimal", help="preset the variants change")
+    p.add_argument("--variants", required=True,
+                   help='JSON {label: {setting: value}}, e.g. \'{"w20": {"omega2": 20}}\'')
+    p.add_argument("--workdir", default="runs/gwstudy")
+    p.add_argument("--log", default=None,
+                   help="JSON-lines results (default WORKDIR/study.jsonl); done labels skipped")
     p = sub.add_parser("relax", help="relax a stored structure with GPAW (+D3); resumable")
     p.add_argument("--record", required=True, help="HDF5 file holding the structure")
     p.add_argument("--key", required=True, help="record to relax; relaxed_positions go back")
@@ -193,6 +201,8 @@ def _run(args, command: str) -> int:
     require_gpaw()
     if args.cmd == "relax":
         return _relax(args, command)
+    if args.cmd == "gw-study":
+        return _gw_study(args)
     if args.cmd == "gw":
         from .gw import run_gw_dataset
 
@@ -230,6 +240,26 @@ def _run(args, command: str) -> int:
                                command=command, txtdir=args.txtdir)
     print(f"{len(new)} new structures written to {args.out}")
     return 0
+
+def _gw_study(args) -> int:
+    from pathlib import Path
+
+    from ..structures import monolayer
+    from .gw import PRESETS, convergence_study, print_study
+
+    variants = json.loads(args.variants)
+    vacuum = {v.get("vacuum", PRESETS[args.base].vacuum) for v in variants.values()}
+    log = args.log or str(Path(args.workdir) / "study.jsonl")
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for vac in sorted(vacuum):  # the slab is built per vacuum size
+        group = {k: v for k, v in variants.items()
+                 if v.get("vacuum", PRESETS[args.base].vacuum) == vac}
+        rows.update(convergence_study(monolayer(args.material, vacuum=vac), group,
+                                      args.workdir, base=args.base, log_path=log))
+    print_study({k: rows[k] for k in variants})
+    return 0
+
 
 def _relax(args, command: str) -> int:
     from ..core.dataset import StructureDataset

@@ -234,9 +234,23 @@ def run_gw_dataset(path, materials, preset: str = "default", workdir="runs/gw",
 
 def convergence_study(atoms, variants: dict[str, dict], workdir, base: str = "minimal",
                       log_path: str | Path | None = None) -> dict[str, dict]:
-    """Run G0W0 for each variant (overrides of preset ``base``); gaps and timings per run."""
-    out = {}
+    """Run G0W0 for each variant (overrides of preset ``base``); gaps and timings per run.
+
+    Each finished variant is appended to ``log_path`` (JSON lines) as soon as it is done;
+    variants already there are read back instead of recomputed (resume).
+    """
+    if base not in PRESETS:
+        raise ValueError(f"unknown G0W0 preset {base!r}; known: {sorted(PRESETS)}")
+    fields = set(GWSettings.__dataclass_fields__)
     for label, over in variants.items():
+        unknown = set(over) - fields
+        if unknown:
+            raise ValueError(f"variant {label!r}: unknown G0W0 settings {sorted(unknown)}; "
+                             f"known: {sorted(fields)}")
+    out = read_study(log_path) if log_path is not None else {}
+    for label, over in variants.items():
+        if label in out:
+            continue
         s = replace(PRESETS[base], **over)
         rec = run_gw(atoms, s, Path(workdir) / label, name=label)
         row = {"settings": s.todict(), "gap_ks": gap(rec["eps"], s.nv),
@@ -248,4 +262,26 @@ def convergence_study(atoms, variants: dict[str, dict], workdir, base: str = "mi
         if log_path is not None:
             with open(log_path, "a") as fh:
                 fh.write(json.dumps({label: row}) + "\n")
+    return {label: out[label] for label in variants}
+
+
+def read_study(log_path: str | Path) -> dict[str, dict]:
+    """Rows of a convergence-study log (label -> gaps, settings, CPU times)."""
+    out: dict[str, dict] = {}
+    path = Path(log_path)
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                out.update(json.loads(line))
     return out
+
+
+def print_study(rows: dict[str, dict]) -> None:
+    """Table of a convergence study: settings that differ, gaps, CPU time."""
+    print(f"{'variant':<18}{'k':>4}{'ecut':>6}{'dω0':>6}{'ω2':>6}{'vac':>6}{'ppa':>5}"
+          f"{'KS gap':>9}{'QP gap':>9}{'CPU GW':>9}")
+    for label, r in rows.items():
+        st = r["settings"]
+        print(f"{label:<18}{st['kmesh']:>4}{st['ecut']:>6.0f}{st['domega0']:>6.2f}"
+              f"{st['omega2']:>6.0f}{st['vacuum']:>6.1f}{'y' if st['ppa'] else 'n':>5}"
+              f"{r['gap_ks']:>9.3f}{r['gap_qp']:>9.3f}{r['cpu_time_gw']:>9.0f}")
