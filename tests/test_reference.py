@@ -161,6 +161,45 @@ def test_run_dataset_resumes_and_stores_metadata(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
 
 
+def emt_record_failing_on_s1(atoms, settings, options, txt=None):
+    if atoms.info.get("name") == "s1":
+        raise RuntimeError("SCF did not converge")
+    return emt_record(atoms, settings, options, txt)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_failed_structure_does_not_lose_the_others(tmp_path, workers):
+    from ase_mlks.reference.pipeline import ReferenceFailure
+
+    path = tmp_path / "ref.h5"
+    items = []
+    for i in range(4):
+        a = bilayer("MoS2", shift=(0.1 * i, 0.0))
+        a.set_chemical_symbols(["Cu" if s == "Mo" else "Au" for s in a.get_chemical_symbols()])
+        a.info["name"] = f"s{i}"
+        items.append((f"s{i}", a))
+    with pytest.raises(ReferenceFailure, match="s1: RuntimeError: SCF did not converge") as err:
+        run_dataset(path, items, DEFAULT, compute=emt_record_failing_on_s1, workers=workers,
+                    progress=False)
+    assert set(err.value.failed) == {"s1"} and sorted(err.value.stored) == ["s0", "s2", "s3"]
+    assert existing_keys(path) == {"s0", "s2", "s3"}  # stored, and a rerun resumes at s1
+
+
+def test_band_path_of_strained_cells_uses_the_hexagonal_special_points():
+    from ase_mlks.reference.pipeline import check_path
+    from ase_mlks.structures import bilayer_configuration
+
+    plain = check_path(bilayer("MoS2", size=(2, 2)), "GMKG", 31)
+    for n in range(4):
+        strained = bilayer_configuration(np.random.default_rng([7, n]), strain=0.08)
+        with pytest.raises(KeyError):  # ASE alone finds no K in a non-hexagonal cell
+            strained.cell.bandpath("GMKG", npoints=31)
+        path = check_path(strained, "GMKG", 31)
+        assert np.allclose(path.kpts, plain.kpts)  # same fractional k-points
+    with pytest.raises(StructureError, match="no special point"):
+        check_path(bilayer("MoS2"), "GXG", 10)
+
+
 def test_cli_rejects_twist_without_commensurate_cell(tmp_path, capsys):
     from ase_mlks.reference.__main__ import main
 

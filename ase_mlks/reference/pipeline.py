@@ -26,13 +26,23 @@ import numpy as np
 from ase import Atoms
 
 from ..core.dataset import StructureDataset
+from ..core.errors import AseMlksError, StructureError
 from ..core.io import atomic_path
 from .settings import DEFAULT, LCAOSettings, versions
 
 log = logging.getLogger("ase_mlks.reference")
 
-__all__ = ["RecordOptions", "compute_slab_record", "run_dataset", "write_record",
-           "bilayer_items", "existing_keys"]
+__all__ = ["RecordOptions", "ReferenceFailure", "check_path", "compute_slab_record",
+           "run_dataset", "write_record", "bilayer_items", "existing_keys"]
+
+
+class ReferenceFailure(AseMlksError):
+    """Some structures of a run failed; the others were stored. ``failed``: key -> error."""
+
+    def __init__(self, failed: dict[str, str], stored: list[str]):
+        self.failed, self.stored = failed, stored
+        lines = "\n".join(f"  {k}: {v}" for k, v in failed.items())
+        super().__init__(f"{len(failed)} structure(s) failed ({len(stored)} stored):\n{lines}")
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,33 @@ def _mpi_rank() -> int:
         return 0
 
 
+def check_path(atoms: Atoms, path: str, npoints: int):
+    """The ``path`` (e.g. 'GMKG') band path of ``atoms``' cell, as an ASE ``BandPath``.
+
+    A strained hexagonal cell is no longer hexagonal, so ASE finds no K point in it; its
+    special points are then taken, in fractional coordinates, from the nearest hexagonal
+    cell (same vector order, mean in-plane length, 60° or 120°) — the points a strained
+    layer's bands are labelled by.
+    """
+    from ase.cell import Cell
+
+    try:
+        return atoms.cell.bandpath(path, npoints=npoints)
+    except KeyError:
+        a1, a2, a3 = atoms.cell.cellpar()[:3]
+        gamma = atoms.cell.cellpar()[5]
+        hexcell = Cell.fromcellpar([(a1 + a2) / 2, (a1 + a2) / 2, a3, 90, 90,
+                                    60.0 if gamma < 90 else 120.0])
+        special = hexcell.bandpath(npoints=0, pbc=atoms.pbc).special_points
+        missing = [p for p in path if p not in special]
+        if missing:
+            raise StructureError(f"band path {path!r}: no special point(s) {missing} for a "
+                                 f"cell of lattice type {atoms.cell.get_bravais_lattice()}"
+                                 ) from None
+        return atoms.cell.bandpath(path, npoints=npoints, special_points=special,
+                                   pbc=atoms.pbc)
+
+
 def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
                         options: RecordOptions = RecordOptions(), txt: str | None = None
                         ) -> dict:
@@ -80,6 +117,9 @@ def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
 
     t0 = time.process_time()
     w0 = time.time()
+    # before the SCF: a path that cannot be built must not cost a ground state first
+    needs_path = options.band_path and (options.wannier_basis or options.gpaw_bands)
+    path = check_path(atoms, options.band_path, options.band_npoints) if needs_path else None
     gs = run_groundstate(atoms, settings, txt=txt)
     rec: dict = {
         "arrays": {
@@ -102,8 +142,6 @@ def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
     if gs.stress is not None:
         rec["arrays"]["stress"] = gs.stress
     calc = gs.calc
-    path = atoms.cell.bandpath(options.band_path, npoints=options.band_npoints) \
-        if options.band_path else None
     wcalc = calc
     path_eigs = None
     if options.wannier_basis or options.ao:
@@ -217,10 +255,10 @@ def write_record(path: str | os.PathLike, key: str, atoms: Atoms, record: dict,
 
 
 def _worker(args):
-    key, atoms, settings, options, txtdir = args
+    func, key, atoms, settings, options, txtdir = args
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     txt = None if txtdir is None else str(Path(txtdir) / f"{key}.txt")
-    rec = compute_slab_record(atoms, settings, options, txt=txt)
+    rec = func(atoms, settings, options, txt=txt)
     rec.pop("calc", None)  # GPAW calculators do not cross process boundaries
     return key, rec
 
@@ -245,6 +283,7 @@ def run_dataset(path: str | os.PathLike, items: Iterable[tuple[str, Atoms]],
     meta_common = {"settings": settings.todict(), "options": options.todict(),
                    "versions": versions(), "command": command}
     new: list[str] = []
+    failed: dict[str, str] = {}
     bar = tqdm(total=len(todo), desc=f"reference {Path(path).name}", disable=not progress
                or rank != 0)
 
@@ -257,19 +296,37 @@ def run_dataset(path: str | os.PathLike, items: Iterable[tuple[str, Atoms]],
         log.info("%s done: E=%.4f eV, cpu %.0f s", key, float(rec["arrays"]["energy"]),
                  rec["meta"]["cpu_time"])
 
+    def fail(key, err):
+        failed[key] = f"{type(err).__name__}: {err}"
+        log.error("%s failed: %s", key, failed[key])
+
     func = compute or compute_slab_record
+    # One failed structure must not take the others down with it: it is reported, the rest
+    # are computed and stored, and ReferenceFailure lists the failures at the end. (A pool
+    # whose result raised would otherwise finish every queued structure and discard them.)
     if workers <= 1:
         for key, atoms in todo:
-            txt = None if txtdir is None else str(Path(txtdir) / f"{key}.txt")
-            store(key, atoms, func(atoms, settings, options, txt=txt))
+            try:
+                key, rec = _worker((func, key, atoms, settings, options, txtdir))
+            except Exception as err:  # noqa: BLE001 - reported, others carry on
+                fail(key, err)
+                continue
+            store(key, atoms, rec)
     else:
         atoms_of = dict(todo)
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futs = [pool.submit(_worker, (k, a, settings, options, txtdir)) for k, a in todo]
+            futs = {pool.submit(_worker, (func, k, a, settings, options, txtdir)): k
+                    for k, a in todo}
             for fut in as_completed(futs):
-                key, rec = fut.result()
+                try:
+                    key, rec = fut.result()
+                except Exception as err:  # noqa: BLE001 - reported, others carry on
+                    fail(futs[fut], err)
+                    continue
                 store(key, atoms_of[key], rec)
     bar.close()
+    if failed:
+        raise ReferenceFailure(failed, new)
     return new
 
 
