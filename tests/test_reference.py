@@ -200,6 +200,17 @@ def test_band_path_of_strained_cells_uses_the_hexagonal_special_points():
         check_path(bilayer("MoS2"), "GXG", 10)
 
 
+def test_cli_gw_study_rejects_bad_variants(tmp_path, capsys):
+    from ase_mlks.reference.__main__ import main
+
+    pytest.importorskip("gpaw")
+    work = str(tmp_path / "study")
+    assert main(["gw-study", "--variants", "[1, 2]", "--workdir", work]) == 2
+    assert "JSON object" in capsys.readouterr().err
+    assert main(["gw-study", "--variants", '{"x": {"omega_max": 30}}', "--workdir", work]) == 2
+    assert "unknown G0W0 settings ['omega_max']" in capsys.readouterr().err
+
+
 def test_cli_rejects_twist_without_commensurate_cell(tmp_path, capsys):
     from ase_mlks.reference.__main__ import main
 

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = "python -m ase_mlks.reference " + " ".join(shlex.quote(a) for a in argv)
 
-    if args.mpi and not os.environ.get("ASE_MLKS_UNDER_MPI"):
+    if getattr(args, "mpi", 0) and not os.environ.get("ASE_MLKS_UNDER_MPI"):
         rest = [a for i, a in enumerate(argv)
                 if a != "--mpi" and (i == 0 or argv[i - 1] != "--mpi")]
         cmd = ["gpaw", "-P", str(args.mpi), "python", "-m", "ase_mlks.reference", *rest]
@@ -247,7 +247,14 @@ def _gw_study(args) -> int:
     from ..structures import monolayer
     from .gw import PRESETS, convergence_study, print_study
 
-    variants = json.loads(args.variants)
+    try:
+        variants = json.loads(args.variants)
+        if not isinstance(variants, dict) or not all(isinstance(v, dict)
+                                                     for v in variants.values()):
+            raise ValueError("expected a JSON object {label: {setting: value}}")
+    except ValueError as err:
+        print(f"error: --variants: {err}", file=sys.stderr)
+        return 2
     vacuum = {v.get("vacuum", PRESETS[args.base].vacuum) for v in variants.values()}
     log = args.log or str(Path(args.workdir) / "study.jsonl")
     Path(log).parent.mkdir(parents=True, exist_ok=True)
@@ -255,8 +262,12 @@ def _gw_study(args) -> int:
     for vac in sorted(vacuum):  # the slab is built per vacuum size
         group = {k: v for k, v in variants.items()
                  if v.get("vacuum", PRESETS[args.base].vacuum) == vac}
-        rows.update(convergence_study(monolayer(args.material, vacuum=vac), group,
-                                      args.workdir, base=args.base, log_path=log))
+        try:
+            rows.update(convergence_study(monolayer(args.material, vacuum=vac), group,
+                                          args.workdir, base=args.base, log_path=log))
+        except ValueError as err:  # unknown preset or setting: nothing was computed
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     print_study({k: rows[k] for k in variants})
     return 0
 
