@@ -84,7 +84,23 @@ def _parity(ref, pred, label: str, unit: str, path: Path) -> None:
 
 
 # -- 1. held-out bilayers ------------------------------------------------------------------
-def heldout(calc, data: Path, out: Path, unseen: list[Path] | None = None) -> dict:
+def _val_keys(model) -> list[str] | None:
+    extra = model.checkpoint_meta.get("extra", {}) if hasattr(model, "checkpoint_meta") else {}
+    return extra.get("val_keys")
+
+
+def _group(key: str) -> str:
+    """'strained' for the strained-cell records (bs*), 'unstrained' for the rest."""
+    return "strained" if key.split(":")[-1].startswith("bs") else "unstrained"
+
+
+def heldout(calc, data: Path, out: Path, unseen: list[Path] | None = None,
+            keys_from: str | None = None) -> dict:
+    """Energy/force/H errors on held-out structures of ``data``.
+
+    The held-out keys are the checkpoint's own, or those of the checkpoint ``keys_from``
+    (to score an older model on a newer model's held-out split, side by side).
+    """
     import torch
 
     from ase_mlks.dpwannier.data import DPWannierData
@@ -94,6 +110,9 @@ def heldout(calc, data: Path, out: Path, unseen: list[Path] | None = None) -> di
     extra = model.checkpoint_meta.get("extra", {}) if hasattr(model, "checkpoint_meta") else {}
     keys = extra.get("val_keys")
     source = "checkpoint's held-out split"
+    if keys_from is not None:
+        keys = _val_keys(_calc(keys_from).model)
+        source = f"held-out split of {keys_from}"
     if not keys or not data.exists():
         # structures the model never saw: every complete record of the --unseen files
         from torch.utils.data import ConcatDataset
@@ -111,9 +130,12 @@ def heldout(calc, data: Path, out: Path, unseen: list[Path] | None = None) -> di
             return {"skipped": "no held-out keys in the checkpoint and no --unseen data"}
         ds = ConcatDataset(parts)
         source = "unseen files: " + ", ".join(str(p) for p in unseen or [])
+        names = None
     else:
         ds = DPWannierData(data, keys, model)
+        names = keys
     e_ref, e_pred, f_ref, f_pred, h_ref, h_pred, nat = [], [], [], [], [], [], []
+    groups: dict[str, dict[str, list]] = {}
     for n in range(len(ds)):
         s = ds[n]
         g = s.graph.to(torch.float64)
@@ -123,6 +145,10 @@ def heldout(calc, data: Path, out: Path, unseen: list[Path] | None = None) -> di
         e_pred.append(float(o["energy"][0].detach()))
         f_ref.append(s.forces.numpy().ravel())
         f_pred.append(o["forces"].detach().numpy().ravel())
+        if names is not None:
+            grp = groups.setdefault(_group(names[n]), {"e": [], "f": []})
+            grp["e"].append(abs(e_ref[-1] - e_pred[-1]) / nat[-1])
+            grp["f"].append(np.abs(f_ref[-1] - f_pred[-1]))
         if s.onsite is not None:
             on_m, hop_m = element_masks(model, s)
             h_ref += [s.onsite[on_m].numpy(), s.hop[hop_m].numpy()]
@@ -134,6 +160,10 @@ def heldout(calc, data: Path, out: Path, unseen: list[Path] | None = None) -> di
            "energy_mae_meV_atom": 1e3 * float(np.mean(np.abs(e_ref - e_pred))),
            "force_mae_meV_A": 1e3 * float(np.mean(np.abs(f_ref - f_pred))),
            "force_rms_ref_meV_A": 1e3 * float(np.sqrt(np.mean(f_ref**2)))}
+    for name, grp in groups.items():
+        res[f"{name}_n"] = len(grp["e"])
+        res[f"{name}_energy_mae_meV_atom"] = 1e3 * float(np.mean(grp["e"]))
+        res[f"{name}_force_mae_meV_A"] = 1e3 * float(np.mean(np.concatenate(grp["f"])))
     _parity(f_ref, f_pred, "force components", "eV/Å", out / "dpwannier_parity_forces.png")
     _parity(e_ref, e_pred, "energy per atom", "eV", out / "dpwannier_parity_energy.png")
     if h_ref:
@@ -455,6 +485,11 @@ def _table(res: dict) -> str:
         lines.append(f"held-out bilayers ({h['n_structures']}; trained on {h['n_train']}): "
                      f"E {h['energy_mae_meV_atom']:.2f} meV/atom | F {h['force_mae_meV_A']:.1f}"
                      f" meV/Å | H {h.get('h_mae_meV', float('nan')):.2f} meV")
+        for name in ("unstrained", "strained"):
+            if f"{name}_n" in h:
+                lines.append(f"  {name} ({h[f'{name}_n']}): E "
+                             f"{h[f'{name}_energy_mae_meV_atom']:.2f} meV/atom | F "
+                             f"{h[f'{name}_force_mae_meV_A']:.1f} meV/Å")
     for r in res.get("twisted", []):
         lines.append(f"{r['key']} ({r['natoms']} at.): bands MAE "
                      f"{r.get('band_mae_meV', float('nan')):.0f} meV, gap error "
@@ -497,6 +532,8 @@ def main() -> None:
     p.add_argument("--data", default="data/mos2_bilayer.h5")
     p.add_argument("--unseen", nargs="*", default=[],
                    help="reference files none of whose structures were used in training")
+    p.add_argument("--heldout-from", default=None,
+                   help="score on this checkpoint's held-out split instead of the model's own")
     p.add_argument("--twisted", nargs="*", default=None,
                    help="HDF5 fixtures with twisted bilayers (default: tests/data/*.h5)")
     p.add_argument("--gpaw", type=int, nargs="*", default=[42],
@@ -526,7 +563,8 @@ def main() -> None:
                  "checkpoint": {k: v for k, v in getattr(calc.model, "checkpoint_meta", {})
                                 .items() if k in ("created", "data_hash", "hparams")}}
     if "heldout" not in args.skip:
-        res["heldout"] = heldout(calc, Path(args.data), out, [Path(x) for x in args.unseen])
+        res["heldout"] = heldout(calc, Path(args.data), out, [Path(x) for x in args.unseen],
+                                 keys_from=args.heldout_from)
     if "twisted" not in args.skip:
         paths = [Path(x) for x in (args.twisted if args.twisted is not None
                                    else sorted(Path("tests/data").glob("*.h5")))]
