@@ -84,9 +84,9 @@ def _parity(ref, pred, label: str, unit: str, path: Path) -> None:
 
 
 # -- 1. held-out bilayers ------------------------------------------------------------------
-def _val_keys(model) -> list[str] | None:
-    extra = model.checkpoint_meta.get("extra", {}) if hasattr(model, "checkpoint_meta") else {}
-    return extra.get("val_keys")
+def _extra(model) -> dict:
+    """The training record saved with a checkpoint (split, alignment, held-out scores)."""
+    return model.checkpoint_meta.get("extra", {}) if hasattr(model, "checkpoint_meta") else {}
 
 
 def _group(key: str) -> str:
@@ -107,11 +107,11 @@ def heldout(calc, data: Path, out: Path, unseen: list[Path] | None = None,
     from ase_mlks.dpwannier.trainer import H_THRESHOLD, element_masks
 
     model = calc.model
-    extra = model.checkpoint_meta.get("extra", {}) if hasattr(model, "checkpoint_meta") else {}
+    extra = _extra(model)
     keys = extra.get("val_keys")
     source = "checkpoint's held-out split"
     if keys_from is not None:
-        keys = _val_keys(_calc(keys_from).model)
+        keys = _extra(_calc(keys_from).model).get("val_keys")
         source = f"held-out split of {keys_from}"
     if not keys or not data.exists():
         # structures the model never saw: every complete record of the --unseen files
