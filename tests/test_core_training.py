@@ -16,16 +16,26 @@ HERE = Path(__file__).parent
 def _run(args, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     env.update(env_extra or {})
-    subprocess.run([sys.executable, *args], check=True, env=env, timeout=300,
-                   capture_output=True)
+    proc = subprocess.run([sys.executable, *args], env=env, timeout=300, capture_output=True,
+                          text=True)
+    # a failure must show the child's own error, not only "exit status 1"
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stderr[-4000:]}"
+
+
+def _free_port() -> str:
+    """A port nothing listens on now (a fixed one may be taken, e.g. by a parallel run)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "lbfgs"])
 def test_ddp_two_processes_match_single_process(tmp_path, optimizer):
     single, multi = tmp_path / "single", tmp_path / "ddp"
     _run([str(HERE / "ddp_train_script.py"), str(single), optimizer])
-    port = "29533" if optimizer == "sgd" else "29534"
-    _run(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    _run(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
           str(HERE / "ddp_train_script.py"), str(multi), optimizer])
     a = torch.load(single / "final.pt")
     b = torch.load(multi / "final.pt")
