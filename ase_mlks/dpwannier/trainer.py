@@ -134,13 +134,13 @@ def hamiltonian_loss(model, batch: Sample, w_onsite: float = 1.0, w_elements: fl
 
 @torch.no_grad()
 def initialize_from_data(model: DPWannierModel, samples: Sequence[Sample]) -> None:
-    """Descriptor normalization, per-species energy bias and mean on-site energies."""
+    """Descriptor normalization, per-species energy bias and mean on-site energies.
+
+    (The closest approach is set by the trainer from all its training structures.)
+    """
     dtype = _dtype(model)
     g = batch_graphs([s.graph for s in samples]).to(dtype)
     model.set_descriptor_stats(g)
-    dmin = closest_approach(model, samples)
-    model.min_distance = dmin
-    model.hparams["min_distance"] = round(dmin, 3)
     counts = np.array([np.bincount(s.graph.species.numpy(), minlength=len(model.species))
                        for s in samples], float)
     energies = np.array([float(s.energy[0]) for s in samples])
@@ -265,11 +265,12 @@ class DPWannierTrainer:
                 self._load_force_field(init_ff)
             if init_model is not None:
                 self._load_model(init_model)
+            train = [self.train_set[i] for i in range(len(self.train_set))]
+            dmin = closest_approach(self.model, train)
             if init_ff is not None or init_model is not None:
                 # new data (strained cells, say) may come closer than the old model's data
-                train = [self.train_set[i] for i in range(len(self.train_set))]
-                dmin = min(self.model.min_distance, closest_approach(self.model, train))
-                self._apply_data_hparams({"min_distance": round(dmin, 3)})
+                dmin = min(self.model.min_distance, dmin)
+            self._apply_data_hparams({"min_distance": round(dmin, 3)})
             rank, _ = distributed_context()
             if rank == 0:
                 self.workdir.mkdir(parents=True, exist_ok=True)
