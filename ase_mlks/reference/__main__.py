@@ -245,29 +245,25 @@ def _gw_study(args) -> int:
     from pathlib import Path
 
     from ..structures import monolayer
-    from .gw import PRESETS, convergence_study, print_study
+    from .gw import convergence_study, preset_settings, print_study
 
     try:
         variants = json.loads(args.variants)
         if not isinstance(variants, dict) or not all(isinstance(v, dict)
                                                      for v in variants.values()):
             raise ValueError("expected a JSON object {label: {setting: value}}")
+        # checked here, before any G0W0 run: unknown preset or setting names
+        vacuum = {k: preset_settings(args.base, **v).vacuum for k, v in variants.items()}
     except ValueError as err:
         print(f"error: --variants: {err}", file=sys.stderr)
         return 2
-    vacuum = {v.get("vacuum", PRESETS[args.base].vacuum) for v in variants.values()}
     log = args.log or str(Path(args.workdir) / "study.jsonl")
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     rows = {}
-    for vac in sorted(vacuum):  # the slab is built per vacuum size
-        group = {k: v for k, v in variants.items()
-                 if v.get("vacuum", PRESETS[args.base].vacuum) == vac}
-        try:
-            rows.update(convergence_study(monolayer(args.material, vacuum=vac), group,
-                                          args.workdir, base=args.base, log_path=log))
-        except ValueError as err:  # unknown preset or setting: nothing was computed
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+    for vac in sorted(set(vacuum.values())):  # the slab is built per vacuum size
+        group = {k: v for k, v in variants.items() if vacuum[k] == vac}
+        rows.update(convergence_study(monolayer(args.material, vacuum=vac), group,
+                                      args.workdir, base=args.base, log_path=log))
     print_study({k: rows[k] for k in variants})
     return 0
 

@@ -22,7 +22,8 @@ import numpy as np
 from ..core.io import atomic_path, write_array
 from .settings import require_gpaw, versions
 
-__all__ = ["GWSettings", "PRESETS", "run_gw", "run_gw_dataset", "write_gw_record"]
+__all__ = ["GWSettings", "PRESETS", "preset_settings", "run_gw", "run_gw_dataset",
+           "write_gw_record"]
 
 
 @dataclass(frozen=True)
@@ -212,9 +213,7 @@ def run_gw_dataset(path, materials, preset: str = "default", workdir="runs/gw",
     from ..structures import monolayer
     from .kohnsham import pseudo_density, wavefunction_moduli
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown G0W0 preset {preset!r}; known: {sorted(PRESETS)}")
-    s = replace(PRESETS[preset], **overrides)
+    s = preset_settings(preset, **overrides)
     new = []
     for name in materials:
         if name in done_materials(path):
@@ -232,6 +231,17 @@ def run_gw_dataset(path, materials, preset: str = "default", workdir="runs/gw",
     return new
 
 
+def preset_settings(preset: str, **overrides) -> GWSettings:
+    """The settings of ``preset`` with ``overrides``; unknown names give a clear ValueError."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown G0W0 preset {preset!r}; known: {sorted(PRESETS)}")
+    fields = set(GWSettings.__dataclass_fields__)
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"unknown G0W0 settings {sorted(unknown)}; known: {sorted(fields)}")
+    return replace(PRESETS[preset], **overrides)
+
+
 def convergence_study(atoms, variants: dict[str, dict], workdir, base: str = "minimal",
                       log_path: str | Path | None = None) -> dict[str, dict]:
     """Run G0W0 for each variant (overrides of preset ``base``); gaps and timings per run.
@@ -239,19 +249,17 @@ def convergence_study(atoms, variants: dict[str, dict], workdir, base: str = "mi
     Each finished variant is appended to ``log_path`` (JSON lines) as soon as it is done;
     variants already there are read back instead of recomputed (resume).
     """
-    if base not in PRESETS:
-        raise ValueError(f"unknown G0W0 preset {base!r}; known: {sorted(PRESETS)}")
-    fields = set(GWSettings.__dataclass_fields__)
+    # every variant checked before the first (minutes-long) G0W0 run
+    settings = {}
     for label, over in variants.items():
-        unknown = set(over) - fields
-        if unknown:
-            raise ValueError(f"variant {label!r}: unknown G0W0 settings {sorted(unknown)}; "
-                             f"known: {sorted(fields)}")
+        try:
+            settings[label] = preset_settings(base, **over)
+        except ValueError as err:
+            raise ValueError(f"variant {label!r}: {err}") from None
     out = read_study(log_path) if log_path is not None else {}
-    for label, over in variants.items():
+    for label, s in settings.items():
         if label in out:
             continue
-        s = replace(PRESETS[base], **over)
         rec = run_gw(atoms, s, Path(workdir) / label, name=label)
         row = {"settings": s.todict(), "gap_ks": gap(rec["eps"], s.nv),
                "gap_qp": gap(rec["qp"], s.nv), "cpu_time_gs": rec["cpu_time_gs"],
@@ -277,7 +285,7 @@ def read_study(log_path: str | Path) -> dict[str, dict]:
 
 
 def print_study(rows: dict[str, dict]) -> None:
-    """Table of a convergence study: settings that differ, gaps, CPU time."""
+    """Table of a convergence study: the main settings, KS and QP gaps (eV), G0W0 CPU (s)."""
     print(f"{'variant':<18}{'k':>4}{'ecut':>6}{'dω0':>6}{'ω2':>6}{'vac':>6}{'ppa':>5}"
           f"{'KS gap':>9}{'QP gap':>9}{'CPU GW':>9}")
     for label, r in rows.items():
