@@ -12,6 +12,7 @@ N processes takes the same optimization steps as a run on one.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -40,9 +41,19 @@ def distributed_context() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend=os.environ.get("ASE_MLKS_DIST_BACKEND", "gloo"))
+        # The group lives as long as the process (a trainer may run several stages), but it
+        # must be torn down before interpreter exit: left to static destructors, gloo's
+        # threads sometimes abort a rank ("terminate called without an active exception").
+        atexit.register(_destroy_group)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _destroy_group() -> None:
+    # no barrier: a rank that exits on an error must not wait for the others at exit
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:
