@@ -99,3 +99,29 @@ def test_batch_not_divisible_by_world_size_is_rejected(monkeypatch):
     with pytest.raises(ValueError, match="not divisible"):
         training.Trainer(torch.nn.Linear(1, 1), lambda m, b: (None, {}), [1], batch_size=8,
                          progress=False, resume=False, workdir="/tmp/unused")
+
+
+def test_cosine_schedule_runs_its_budget_and_keeps_the_final_model(tmp_path):
+    """schedule='cosine': the rate falls from lr to min_lr over max_epochs, training does not
+    stop early, and the model returned is the last one (not the best-by-loss)."""
+    sys.path.insert(0, str(HERE))
+    from ddp_train_script import Linear, loss_fn
+
+    from ase_mlks.core.training import Trainer
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 4)
+    data = list(zip(x, x @ torch.tensor([1.0, -2.0, 0.5, 3.0])))
+    model = Linear()
+    t = Trainer(model, loss_fn, data, None, batch_size=8, lr=0.05, min_lr=1e-4, max_epochs=6,
+                patience=1, schedule="cosine", workdir=tmp_path, progress=False)
+    hist = t.fit()
+    lrs = [h["lr"] for h in hist]
+    assert len(hist) == 6 and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] == pytest.approx(1e-4)
+    last = torch.load(tmp_path / "last.pt", weights_only=False)["model"]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, last[key])
+    with pytest.raises(ValueError, match="schedule"):
+        Trainer(model, loss_fn, data, batch_size=8, schedule="step", workdir=tmp_path / "x",
+                progress=False)

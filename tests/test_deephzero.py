@@ -77,10 +77,10 @@ def test_density_matrix_invariant_under_shift_by_overlap():
 
 
 # -- network --------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["uvu", "fc"])
+def model(request):
     torch.manual_seed(0)
-    m = DeepHE3(H2O_BASIS, cutoff=4.0, hidden=SMALL, layers=1)
+    m = DeepHE3(H2O_BASIS, cutoff=4.0, hidden=SMALL, layers=1, conv=request.param)
     with torch.no_grad():  # zero-initialized heads would make the tests trivial
         for p in m.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -140,6 +140,48 @@ def test_periodic_bloch_hamiltonian_is_hermitian():
     assert hk.dtype == torch.complex128
     assert torch.allclose(hk, hk.mH, atol=1e-12)
     assert float(hk[1].imag.abs().max()) > 1e-6
+
+
+def _dense_reference(m, g, onsite, hops, s, k):
+    """H(k) of structure s by explicit loops over atoms and edges (the definition)."""
+    a0, a1 = g.atom_offset[s], g.atom_offset[s + 1]
+    sl = m.basis.orbital_slices(g.numbers[a0:a1])
+    n = sl[-1].stop
+    H = np.zeros((len(k), n, n), dtype=complex)
+    for a in range(a0, a1):
+        H[:, sl[a - a0], sl[a - a0]] += onsite[a].detach().numpy()
+    for e in range(len(g.src)):
+        i, j = int(g.src[e]), int(g.dst[e])
+        if a0 <= i < a1:
+            phase = np.exp(2j * np.pi * k @ g.shifts[e])
+            H[:, sl[i - a0], sl[j - a0]] += phase[:, None, None] * hops[e].detach().numpy()
+    return 0.5 * (H + np.conj(np.swapaxes(H, 1, 2)))
+
+
+def test_vectorized_assembly_equals_block_definition(model):
+    """The scatter-based H(k) of a batch (molecules of different sizes; periodic cells with
+    k-points) equals the sum of the network's own blocks written out atom by atom."""
+    mols = [Atoms("OH2", positions=[[0.0, 0.0, 0.1], [0.0, 0.76, -0.47], [0.1, -0.8, -0.5]]),
+            Atoms("H2O2", positions=[[0, 0, 0], [0.1, 0.9, 0.3], [1.4, 0.1, 0], [1.5, -0.8, 0.4]])]
+    g = build_graph(mols, model.cutoff, model.species)
+    onsite, hops = model(g)
+    for s, h in enumerate(model.hamiltonian_k(g)):
+        ref = _dense_reference(model, g, onsite, hops, s, np.zeros((1, 3)))
+        assert np.allclose(h.detach().numpy(), ref.real, atol=1e-12)
+    torch.manual_seed(2)
+    m = DeepHE3({"Na": ["1s", "2p"]}, cutoff=4.5, hidden=SMALL, layers=1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    cells = [bulk("Na", "bcc", a=4.2, cubic=True), bulk("Na", "bcc", a=4.3)]
+    for c in cells:
+        c.rattle(0.1, seed=3)
+    k = [np.array([[0.0, 0.0, 0.0], [0.25, 0.5, 0.0]]), np.array([[0.5, 0.5, 0.5]])]
+    g = build_graph(cells, m.cutoff, m.species)
+    onsite, hops = m(g)
+    for s, h in enumerate(m.hamiltonian_k(g, k)):
+        ref = _dense_reference(m, g, onsite, hops, s, k[s])
+        assert np.allclose(h.detach().numpy(), ref, atol=1e-12)
 
 
 def test_unknown_element_is_named(model):
@@ -253,3 +295,25 @@ def test_engine_orbital_order_matches_wigner_d():
     assert np.abs(D @ s1 @ D.T - s2).max() < 1e-8
     h1, h2 = e1.core_hamiltonian()[0], e2.core_hamiltonian()[0]
     assert np.abs(D @ h1 @ D.T - h2).max() < 1e-7
+
+
+@pytest.mark.pyscf
+def test_graph_cutoff_must_cover_the_basis_overlap():
+    """Na's gth-szv functions still overlap 0.26 beyond 7 Å: a 7 Å network cannot represent
+    that engine's H(k) (it held the first bcc Na training at ~2 eV); make_model refuses it."""
+    from ase.build import graphene
+
+    from ase_mlks.deephzero.data import rattled_bcc_na
+    from ase_mlks.deephzero.engine import PySCFEngine
+    from ase_mlks.deephzero.trainer import make_model
+
+    na = rattled_bcc_na(1, seed=3)
+    gth = {"basis": "gth-szv", "pseudo": "gth-pbe", "ke_cutoff": 20.0}
+    eng = PySCFEngine(na[0], kmesh=(2, 2, 2), **gth)
+    assert eng.overlap_truncation(7.0) > 0.1
+    assert eng.overlap_truncation(11.0) < 1e-2
+    gr = graphene(vacuum=5.0)
+    gr.pbc = True
+    assert PySCFEngine(gr, kmesh=(3, 3, 1), **gth).overlap_truncation(7.0) < 1e-3
+    with pytest.raises(ValueError, match="misses basis overlaps"):
+        make_model("na", na, cutoff=7.0)

@@ -92,7 +92,7 @@ class Trainer:
                  grad_clip: float | None = None, progress: bool = True, shuffle: bool = True,
                  parameters: Iterable[torch.nn.Parameter] | None = None,
                  checkpoint_extra: dict | None = None, data_hash: str | None = None,
-                 find_unused_parameters: bool = False):
+                 find_unused_parameters: bool = False, schedule: str = "plateau"):
         self.rank, self.world = distributed_context()
         if batch_size % self.world:
             raise ValueError(
@@ -118,8 +118,19 @@ class Trainer:
             # pairs, and silently ignoring the option would hide that it had no effect
             raise ValueError("lbfgs does not support grad_clip")
         self.optimizer = _make_optimizer(optimizer, params, lr, weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, factor=lr_factor, patience=lr_patience, min_lr=min_lr)
+        if schedule not in ("plateau", "cosine"):
+            raise ValueError(f"schedule must be 'plateau' or 'cosine', got {schedule!r}")
+        self.schedule = schedule
+        if schedule == "cosine":
+            # A fixed budget: the rate follows half a cosine from lr to min_lr over
+            # max_epochs, no early stop, and the final model (the schedule's end point) is
+            # kept -- for losses whose value is not comparable across epochs (a target that
+            # is refreshed during training), where "best by loss" means nothing.
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.optimizer, T_max=max_epochs, eta_min=min_lr)
+        else:
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, factor=lr_factor, patience=lr_patience, min_lr=min_lr)
         self.min_lr = min_lr
         self.ddp_model: torch.nn.Module = model
         if self.world > 1:
@@ -206,7 +217,10 @@ class Trainer:
             val_metrics = self._run_epoch(self.val_set, train=False) if self.val_set else {}
             self.epoch += 1
             monitor = val_metrics.get("loss", train_metrics["loss"])
-            self.scheduler.step(monitor)
+            if self.schedule == "cosine":
+                self.scheduler.step()
+            else:
+                self.scheduler.step(monitor)
             record = {"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
                       **{f"train_{k}": v for k, v in train_metrics.items()},
                       **{f"val_{k}": v for k, v in val_metrics.items()}}
@@ -227,12 +241,14 @@ class Trainer:
                                     extra={**self.checkpoint_extra, "epoch": self.epoch,
                                            "best_val": self.best_val})
                 self._save_state(self.workdir / "last.pt")
+            if self.schedule == "cosine":
+                continue
             if self.bad_epochs >= self.patience:
                 break
             if self.optimizer.param_groups[0]["lr"] <= self.min_lr * (1 + 1e-9) \
                     and self.bad_epochs >= self.scheduler.patience:
                 break
-        if self._best_state is not None:
+        if self._best_state is not None and self.schedule != "cosine":
             self.model.load_state_dict(self._best_state)
         return self.history
 

@@ -48,6 +48,26 @@ def rattled_bcc_na(n: int, seed: int = 0, a: float = 4.23, rattle: float = 0.15,
     return out
 
 
+def rattled_graphene(n: int, seed: int = 0, a: float = 2.46, vacuum: float = 5.0,
+                     rattle: float = 0.05, strain: float = 0.03) -> list[Atoms]:
+    """``n`` graphene primitive cells (2 atoms, ``vacuum`` Å each side, pbc all True) with
+    random in-plane strain (|e| <= ``strain``) and Gaussian displacements (Å, also along z)."""
+    from ase.build import graphene
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        atoms = graphene(a=a, vacuum=vacuum)
+        atoms.pbc = True
+        eps = np.zeros((3, 3))
+        e2 = rng.uniform(-strain, strain, size=(2, 2))
+        eps[:2, :2] = 0.5 * (e2 + e2.T)
+        atoms.set_cell(atoms.cell[:] @ (np.eye(3) + eps), scale_atoms=True)
+        atoms.positions += rng.normal(scale=rattle, size=atoms.positions.shape)
+        out.append(atoms)
+    return out
+
+
 def scf_references(structures: list[Atoms], engine_kwargs: dict, sigma: float,
                    path: str | Path | None = None, progress: bool = True) -> list[dict]:
     """SCF reference (H_scf, S, D, energies) per structure; cached in an HDF5 file at ``path``
@@ -81,4 +101,4 @@ def scf_references(structures: list[Atoms], engine_kwargs: dict, sigma: float,
     return out
 
 
-__all__ = ["distorted_water", "rattled_bcc_na", "scf_references"]
+__all__ = ["distorted_water", "rattled_bcc_na", "rattled_graphene", "scf_references"]

@@ -113,14 +113,15 @@ class PySCFEngine:
     ----------
     atoms: structure (Å). Molecules: no periodic direction. Periodic cells: pbc all True
         (2D materials as slabs with vacuum and a k-mesh (n, n, 1)).
-    basis, xc, pseudo: PySCF names, e.g. "def2-svp", "PBE"; periodic: "gth-szv", "gth-pbe".
+    basis, xc, pseudo: PySCF names, e.g. "def2-svp", "PBE"; periodic: "gth-szv", "gth-pbe";
+        ``basis`` may be a dict per element (PySCF's gth-szv lacks Mo, for example).
     kmesh: Monkhorst-Pack mesh (Gamma-centred, PySCF's ``make_kpts``) for periodic cells.
     grid_level: molecular DFT integration grid (PySCF ``grids.level``).
     ke_cutoff: plane-wave cutoff (Ha) of the periodic FFT grid; None = PySCF's default.
     charge: net charge (molecules).
     """
 
-    def __init__(self, atoms: Atoms, basis: str = "def2-svp", xc: str = "PBE", *,
+    def __init__(self, atoms: Atoms, basis: str | dict = "def2-svp", xc: str = "PBE", *,
                  pseudo: str | None = None, kmesh: tuple[int, int, int] = (1, 1, 1),
                  grid_level: int = 3, ke_cutoff: float | None = None, charge: int = 0,
                  verbose: int = 0):
@@ -203,6 +204,39 @@ class PySCFEngine:
 
     def core_hamiltonian(self) -> np.ndarray:
         return self._h.copy()
+
+    def overlap_truncation(self, cutoff: float) -> float:
+        """max_k |S(k) - sum over atom pairs closer than ``cutoff`` (Å) of e^{2 pi i k.L} S_ij(L)|.
+
+        How much of the basis overlap a model whose hoppings end at ``cutoff`` cannot
+        represent (0 for molecules). H(R) decays like S(R), so a large value means no
+        network with that cutoff can fit this engine's H(k): diffuse functions (Na gth-szv)
+        still overlap 0.26 beyond 7 Å, which held the first bcc Na training at ~2 eV.
+        """
+        if not self.periodic:
+            return 0.0
+        from pyscf import gto
+
+        cell = np.asarray(self.atoms.cell[:])
+        vol = abs(np.linalg.det(cell))
+        heights = [vol / np.linalg.norm(np.cross(cell[(a + 1) % 3], cell[(a + 2) % 3]))
+                   for a in range(3)]
+        nmax = [int(np.ceil(cutoff / h)) + 1 for h in heights]
+        pos = self.atoms.positions
+        sizes = [self.orbital_basis.norb(int(z)) for z in self.atoms.numbers]
+        approx = np.zeros_like(self._S)
+        mol = self.mol.copy()
+        for shift in np.ndindex(*[2 * n + 1 for n in nmax]):
+            L = np.array(shift) - np.array(nmax)
+            d = np.linalg.norm(pos[None, :, :] + L @ cell - pos[:, None, :], axis=2)
+            if d.min() >= cutoff:
+                continue
+            other = mol.copy()
+            other.set_geom_(pos + L @ cell, unit="Angstrom")
+            sr = self._perm @ gto.intor_cross("int1e_ovlp", mol, other) @ self._perm.T
+            mask = np.repeat(np.repeat(d < cutoff, sizes, axis=0), sizes, axis=1)
+            approx += np.exp(2j * np.pi * self.kpts @ L)[:, None, None] * (sr * mask)[None]
+        return float(np.abs(self._S - approx).max())
 
     def energy_and_fock(self, dm: np.ndarray) -> tuple[float, np.ndarray]:
         d = self._dm_for_pyscf(dm)

@@ -22,18 +22,23 @@ from ase import Atoms
 
 from ..core.checkpoint import hash_arrays
 from ..core.training import Trainer
-from .data import distorted_water, rattled_bcc_na, scf_references
+from .data import distorted_water, rattled_bcc_na, rattled_graphene, scf_references
 from .engine import HARTREE, PySCFEngine
-from .model import DeepHE3, build_graph
+from .model import DeepHE3, assemble_k, build_graph
 from .variational import Anderson, FreeEnergy, initial_hamiltonian
 
 SYSTEMS = {
     # name: (structure generator, engine keyword arguments, smearing (Ha), model kwargs)
     "h2o": (distorted_water, {"basis": "def2-svp", "xc": "PBE", "grid_level": 3}, 0.01,
             {"cutoff": 5.0, "avg_neighbors": 2.0}),
+    # Na's gth-szv functions are diffuse: pairs beyond 7 Å still carry overlaps of 0.26
+    # (see PySCFEngine.overlap_truncation), so the cutoff is 11 Å (< 3e-3 missing)
     "na": (rattled_bcc_na, {"basis": "gth-szv", "xc": "PBE", "pseudo": "gth-pbe",
                             "kmesh": (2, 2, 2), "ke_cutoff": 20.0}, 0.01,
-           {"cutoff": 7.0, "avg_neighbors": 20.0}),
+           {"cutoff": 11.0, "avg_neighbors": 50.0}),
+    "graphene": (rattled_graphene, {"basis": "gth-szv", "xc": "PBE", "pseudo": "gth-pbe",
+                                    "kmesh": (3, 3, 1), "ke_cutoff": 20.0}, 0.01,
+                 {"cutoff": 7.0, "avg_neighbors": 50.0}),
 }
 
 
@@ -101,7 +106,9 @@ class DeepHZeroLoss:
         atoms = [self.structures[i] for i in batch]
         g = build_graph(atoms, net.cutoff, net.species)
         kpts = [self.kpts(i) for i in batch]
-        hs = net.hamiltonian_k(g, kpts)
+        # through model(...) so that DDP (torchrun) sees the forward and averages gradients
+        onsite, hops = model(g)
+        hs = assemble_k(net.basis, g, onsite, hops, kpts)
         total = torch.zeros((), dtype=torch.float64)
         metrics = {"free_energy_Ha": 0.0, "sc_meV": 0.0}
         if self.labels is not None:
@@ -134,16 +141,29 @@ class _Indices(torch.utils.data.Dataset):
         return i
 
 
-def make_model(system: str, structures: list[Atoms], **overrides) -> DeepHE3:
-    """A fresh network for ``system`` with the engine's basis; on-site biases set from the
-    atomic-density guess of the first structure (label-free)."""
+def make_model(system: str, structures: list[Atoms], n_guess: int = 10,
+               max_truncation: float = 1e-2, **overrides) -> DeepHE3:
+    """A fresh network for ``system`` with the engine's basis; output biases and scales set
+    from the atomic-density guess F[D_atoms] of the first ``n_guess`` structures (label-free,
+    one Kohn-Sham build each; periodic systems use one structure, on-site biases only).
+
+    Raises ValueError when the graph cutoff misses more than ``max_truncation`` of the
+    basis overlap S(k) (periodic cells): such a network cannot represent the engine's H(k).
+    """
     gen, eng_kw, sigma, model_kw = SYSTEMS[system]
     eng = PySCFEngine(structures[0], **eng_kw)
     desc = eng.describe()
     model = DeepHE3(eng.orbital_basis.to_dict(), engine=desc, sigma=sigma,
                     **{**model_kw, **overrides})
-    g = build_graph(structures[:1], model.cutoff, model.species)
-    model.initialize_onsite(g, [initial_hamiltonian(eng, "atom")])
+    missing = eng.overlap_truncation(model.cutoff)
+    if missing > max_truncation:
+        raise ValueError(
+            f"cutoff {model.cutoff} Å misses basis overlaps up to {missing:.3g} (tolerance "
+            f"{max_truncation}): the {desc['basis']} functions reach further; raise the cutoff")
+    guess_set = structures[:1] if desc.get("periodic") else structures[:n_guess]
+    guesses = [initial_hamiltonian(eng if k == 0 else PySCFEngine(atoms, **eng_kw), "atom")
+               for k, atoms in enumerate(guess_set)]
+    model.initialize_from_guess(build_graph(guess_set, model.cutoff, model.species), guesses)
     return model
 
 
@@ -151,13 +171,15 @@ def train(system: str, mode: str, workdir: str | Path, *, n_train: int = 60, see
           epochs: int = 300, lr: float = 3e-3, batch_size: int = 10, sc_weight: float = 1.0,
           model: DeepHE3 | None = None, with_labels: bool = False, progress: bool = True,
           patience: int = 40, model_kwargs: dict | None = None, refresh_every: int = 1,
-          anderson: int = 0, lr_patience: int = 10, set_lr: float | None = None
-          ) -> tuple[DeepHE3, list[dict]]:
+          anderson: int = 0, lr_patience: int = 10, set_lr: float | None = None,
+          schedule: str = "plateau", min_lr: float = 1e-5) -> tuple[DeepHE3, list[dict]]:
     """Train on ``n_train`` generated structures of ``system``; returns (model, history).
 
     ``set_lr`` overrides the learning rate restored from ``workdir/last.pt`` (a resumed run
     otherwise keeps the optimizer's saved rate); the rate is halved after ``lr_patience``
-    epochs without a lower loss.
+    epochs without a lower loss (``schedule="plateau"``), or follows a cosine from ``lr`` to
+    ``min_lr`` over ``epochs`` with the final model kept (``"cosine"``; suits the refreshed
+    unsupervised targets, whose loss values are not comparable between refreshes).
     """
     gen, eng_kw, sigma, _ = SYSTEMS[system]
     structures = gen(n_train, seed=seed)
@@ -174,11 +196,13 @@ def train(system: str, mode: str, workdir: str | Path, *, n_train: int = 60, see
     data_hash = hash_arrays(*[a.positions for a in structures])
     trainer = Trainer(model, loss, _Indices(len(structures)), None, batch_size=batch_size,
                       lr=lr, max_epochs=epochs, patience=patience, lr_patience=lr_patience,
-                      lr_factor=0.5, min_lr=1e-5, workdir=workdir, seed=seed,
+                      lr_factor=0.5, min_lr=min_lr, workdir=workdir, seed=seed,
+                      schedule=schedule,
                       progress=progress, data_hash=data_hash,
                       checkpoint_extra={"system": system, "mode": mode, "n_train": n_train,
                                         "seed": seed, "sigma": sigma, "sc_weight": sc_weight,
-                                        "refresh_every": refresh_every, "anderson": anderson})
+                                        "refresh_every": refresh_every, "anderson": anderson,
+                                        "schedule": schedule})
     _absolute_plateau(trainer.scheduler)
     if set_lr is not None:
         for group in trainer.optimizer.param_groups:
@@ -226,23 +250,32 @@ def main(argv: list[str] | None = None) -> None:
                    help="halve the learning rate after this many epochs without a lower loss")
     p.add_argument("--set-lr", type=float, default=None,
                    help="override the learning rate of a resumed run (workdir/last.pt)")
+    p.add_argument("--schedule", choices=["plateau", "cosine"], default="plateau",
+                   help="LR schedule: halve on plateau (keep best) or cosine to --min-lr "
+                        "over --epochs (keep final)")
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--hidden", default=None, help="hidden irreps of a new network")
+    p.add_argument("--layers", type=int, default=None, help="message-passing layers")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    model_kwargs = {k: v for k, v in (("hidden", args.hidden), ("layers", args.layers))
+                    if v is not None}
     common = {"n_train": args.n_train, "seed": args.seed, "lr": args.lr,
               "batch_size": args.batch_size, "sc_weight": args.sc_weight,
-              "patience": args.patience, "lr_patience": args.lr_patience}
+              "patience": args.patience, "lr_patience": args.lr_patience,
+              "schedule": args.schedule, "min_lr": args.min_lr}
     unsup = {"refresh_every": args.refresh_every, "anderson": args.anderson,
              "set_lr": args.set_lr}
     if args.mode == "finetune":
         model, _ = train(args.system, "supervised", Path(args.workdir) / "pretrain",
-                         epochs=args.pretrain_epochs, **common)
+                         epochs=args.pretrain_epochs, model_kwargs=model_kwargs, **common)
         model, hist = train(args.system, "unsupervised", Path(args.workdir) / "finetune",
                             epochs=args.epochs, model=model, with_labels=args.with_labels,
                             **common, **unsup)
     else:
         model, hist = train(args.system, args.mode, args.workdir, epochs=args.epochs,
-                            with_labels=args.with_labels, **common,
+                            with_labels=args.with_labels, model_kwargs=model_kwargs, **common,
                             **(unsup if args.mode == "unsupervised" else {}))
     if args.out:
         model.save(args.out, extra={"system": args.system, "mode": args.mode,
