@@ -317,3 +317,17 @@ def test_graph_cutoff_must_cover_the_basis_overlap():
     assert PySCFEngine(gr, kmesh=(3, 3, 1), **gth).overlap_truncation(7.0) < 1e-3
     with pytest.raises(ValueError, match="misses basis overlaps"):
         make_model("na", na, cutoff=7.0)
+
+
+def test_checkpoint_from_before_conv_option_loads_as_fully_connected(tmp_path):
+    torch.manual_seed(0)
+    m = DeepHE3(H2O_BASIS, cutoff=4.0, hidden=SMALL, layers=1, conv="fc")
+    path = m.save(tmp_path / "old.pt")
+    payload = torch.load(path, weights_only=False)
+    del payload["hparams"]["conv"]  # as written by the first release
+    torch.save(payload, path)
+    loaded = DeepHE3.load(path)
+    assert loaded.hparams["conv"] == "fc"
+    atoms = Atoms("OH2", positions=[[0.0, 0.0, 0.1], [0.0, 0.76, -0.47], [0.1, -0.8, -0.5]])
+    g = build_graph([atoms], m.cutoff, m.species)
+    assert torch.equal(m.hamiltonian_k(g)[0], loaded.hamiltonian_k(g)[0])

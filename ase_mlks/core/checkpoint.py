@@ -118,7 +118,9 @@ def build_model(payload: dict[str, Any], expected: type | None = None) -> torch.
     if expected is not None and not issubclass(cls, expected):
         raise CheckpointError(
             f"checkpoint holds a {payload['model_class']}, not a {expected.__qualname__}")
-    model = cls(**payload["hparams"])
+    upgrade = getattr(cls, "upgrade_hparams", None)
+    hparams = upgrade(dict(payload["hparams"])) if upgrade else payload["hparams"]
+    model = cls(**hparams)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as err:

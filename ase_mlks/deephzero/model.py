@@ -208,6 +208,12 @@ class DeepHE3(torch.nn.Module, CheckpointMixin):
         finally:
             torch.set_default_dtype(previous)
 
+    @staticmethod
+    def upgrade_hparams(hparams: dict) -> dict:
+        """Checkpoints written before ``conv`` existed hold the fully connected network."""
+        hparams.setdefault("conv", "fc")
+        return hparams
+
     def _build(self, basis, cutoff, hidden, layers, lmax, n_radial, radial_hidden,
                avg_neighbors, engine, sigma, conv) -> None:
         self.hparams = {"basis": basis, "cutoff": cutoff, "hidden": hidden, "layers": layers,
