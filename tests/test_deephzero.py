@@ -319,6 +319,24 @@ def test_graph_cutoff_must_cover_the_basis_overlap():
         make_model("na", na, cutoff=7.0)
 
 
+@pytest.mark.pyscf
+def test_periodic_engine_must_be_translation_invariant():
+    """A coarse FFT grid (ke_cutoff) makes PySCF's pseudopotential matrix elements depend on
+    where atoms sit on the grid: graphene's on-site levels move by eV at 20 Ha, ~1 meV at
+    60 Ha (the shipped setting). make_model refuses an engine that is not invariant."""
+    from ase.build import graphene
+
+    from ase_mlks.deephzero.engine import PySCFEngine
+    from ase_mlks.deephzero.trainer import HARTREE, SYSTEMS
+
+    gr = graphene(a=2.46, vacuum=5.0)
+    gr.pbc = True
+    gth = {"basis": "gth-szv", "pseudo": "gth-pbe", "kmesh": (3, 3, 1)}
+    assert PySCFEngine(gr, ke_cutoff=20.0, **gth).translation_error() * HARTREE > 0.5
+    shipped = SYSTEMS["graphene"][1]
+    assert PySCFEngine(gr, **shipped).translation_error() * HARTREE < 0.01
+
+
 def test_checkpoint_from_before_conv_option_loads_as_fully_connected(tmp_path):
     torch.manual_seed(0)
     m = DeepHE3(H2O_BASIS, cutoff=4.0, hidden=SMALL, layers=1, conv="fc")

@@ -32,12 +32,15 @@ SYSTEMS = {
     "h2o": (distorted_water, {"basis": "def2-svp", "xc": "PBE", "grid_level": 3}, 0.01,
             {"cutoff": 5.0, "avg_neighbors": 2.0}),
     # Na's gth-szv functions are diffuse: pairs beyond 7 Å still carry overlaps of 0.26
-    # (see PySCFEngine.overlap_truncation), so the cutoff is 11 Å (< 3e-3 missing)
+    # (PySCFEngine.overlap_truncation), so the cutoff is 11 Å (< 3e-3 missing); its hard
+    # semicore 2s/2p need a fine FFT grid: at 20 Ha translating the cell changed on-site
+    # levels by 80 eV, at 150 Ha by 34 meV (PySCFEngine.translation_error)
     "na": (rattled_bcc_na, {"basis": "gth-szv", "xc": "PBE", "pseudo": "gth-pbe",
-                            "kmesh": (2, 2, 2), "ke_cutoff": 20.0}, 0.01,
+                            "kmesh": (2, 2, 2), "ke_cutoff": 150.0}, 0.01,
            {"cutoff": 11.0, "avg_neighbors": 50.0}),
+    # graphene: 60 Ha keeps the engine translation-invariant to ~1 meV (20 Ha: 2.3 eV)
     "graphene": (rattled_graphene, {"basis": "gth-szv", "xc": "PBE", "pseudo": "gth-pbe",
-                                    "kmesh": (3, 3, 1), "ke_cutoff": 20.0}, 0.01,
+                                    "kmesh": (3, 3, 1), "ke_cutoff": 60.0}, 0.01,
                  {"cutoff": 7.0, "avg_neighbors": 50.0}),
 }
 
@@ -142,13 +145,16 @@ class _Indices(torch.utils.data.Dataset):
 
 
 def make_model(system: str, structures: list[Atoms], n_guess: int = 10,
-               max_truncation: float = 1e-2, **overrides) -> DeepHE3:
+               max_truncation: float = 1e-2, max_translation_ev: float = 0.05,
+               **overrides) -> DeepHE3:
     """A fresh network for ``system`` with the engine's basis; output biases and scales set
     from the atomic-density guess F[D_atoms] of the first ``n_guess`` structures (label-free,
     one Kohn-Sham build each; periodic systems use one structure, on-site biases only).
 
-    Raises ValueError when the graph cutoff misses more than ``max_truncation`` of the
-    basis overlap S(k) (periodic cells): such a network cannot represent the engine's H(k).
+    Raises ValueError (periodic cells) when the graph cutoff misses more than
+    ``max_truncation`` of the basis overlap S(k), or when translating the cell changes the
+    engine's on-site levels by more than ``max_translation_ev`` (FFT grid too coarse): no
+    equivariant network can represent such an H(k).
     """
     gen, eng_kw, sigma, model_kw = SYSTEMS[system]
     eng = PySCFEngine(structures[0], **eng_kw)
@@ -160,6 +166,12 @@ def make_model(system: str, structures: list[Atoms], n_guess: int = 10,
         raise ValueError(
             f"cutoff {model.cutoff} Å misses basis overlaps up to {missing:.3g} (tolerance "
             f"{max_truncation}): the {desc['basis']} functions reach further; raise the cutoff")
+    drift = eng.translation_error() * HARTREE
+    if drift > max_translation_ev:
+        raise ValueError(
+            f"translating the cell changes the engine's on-site levels by {drift:.3g} eV "
+            f"(tolerance {max_translation_ev}): ke_cutoff {desc.get('ke_cutoff')} Ha is too "
+            "coarse for this pseudopotential and basis; raise ke_cutoff")
     guess_set = structures[:1] if desc.get("periodic") else structures[:n_guess]
     guesses = [initial_hamiltonian(eng if k == 0 else PySCFEngine(atoms, **eng_kw), "atom")
                for k, atoms in enumerate(guess_set)]
