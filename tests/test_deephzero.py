@@ -350,3 +350,36 @@ def test_checkpoint_from_before_conv_option_loads_as_fully_connected(tmp_path):
     atoms = Atoms("OH2", positions=[[0.0, 0.0, 0.1], [0.0, 0.76, -0.47], [0.1, -0.8, -0.5]])
     g = build_graph([atoms], m.cutoff, m.species)
     assert torch.equal(m.hamiltonian_k(g)[0], loaded.hamiltonian_k(g)[0])
+
+
+@pytest.mark.slow
+@pytest.mark.pyscf
+def test_trainer_under_torchrun_matches_one_process(tmp_path):
+    """Two torchrun ranks take the same supervised steps as one process (same seeded start,
+    gradients averaged by DDP although the O-O head gets none in water)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HDF5_USE_FILE_LOCKING": "FALSE"}
+    args = ["-m", "ase_mlks.deephzero.trainer", "--system", "h2o", "--mode", "supervised",
+            "--n-train", "8", "--epochs", "2", "--batch-size", "4", "--schedule", "cosine"]
+    out = {}
+    for name, prefix in [("one", []), ("two", ["-m", "torch.distributed.run",
+                                               "--nproc_per_node=2", f"--master_port={port}"])]:
+        work = tmp_path / name
+        cmd = [sys.executable, *prefix, *args, "--workdir", str(work),
+               "--out", str(work / "final.pt")]
+        if prefix:  # torchrun takes the module after its own options
+            cmd = [sys.executable, *prefix, "-m", "ase_mlks.deephzero.trainer", *args[2:],
+                   "--workdir", str(work), "--out", str(work / "final.pt")]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = torch.load(work / "final.pt", weights_only=False)["state_dict"]
+    for key, value in out["one"].items():
+        if value.numel():
+            torch.testing.assert_close(out["two"][key], value, atol=1e-8, rtol=1e-6)

@@ -21,7 +21,7 @@ import torch
 from ase import Atoms
 
 from ..core.checkpoint import hash_arrays
-from ..core.training import Trainer
+from ..core.training import Trainer, distributed_context
 from .data import distorted_water, rattled_bcc_na, rattled_graphene, scf_references
 from .engine import HARTREE, PySCFEngine
 from .model import DeepHE3, assemble_k, build_graph
@@ -199,9 +199,11 @@ def train(system: str, mode: str, workdir: str | Path, *, n_train: int = 60, see
     workdir.mkdir(parents=True, exist_ok=True)
     labels = None
     if mode == "supervised" or with_labels:
-        labels = scf_references(structures, eng_kw, sigma, workdir / "train_scf.h5",
-                                progress=progress)
+        labels = _shared_references(structures, eng_kw, sigma, workdir / "train_scf.h5",
+                                    progress=progress)
     if model is None:
+        # seeded: the command reproduces the model, and every torchrun rank starts alike
+        torch.manual_seed(seed)
         model = make_model(system, structures, **(model_kwargs or {}))
     loss = DeepHZeroLoss(structures, eng_kw, sigma, mode=mode, sc_weight=sc_weight,
                          labels=labels, refresh_every=refresh_every, anderson=anderson)
@@ -210,6 +212,9 @@ def train(system: str, mode: str, workdir: str | Path, *, n_train: int = 60, see
                       lr=lr, max_epochs=epochs, patience=patience, lr_patience=lr_patience,
                       lr_factor=0.5, min_lr=min_lr, workdir=workdir, seed=seed,
                       schedule=schedule,
+                      # heads of element pairs absent from a batch (O-O in water) get no
+                      # gradient; DDP must be told, or it waits for them forever
+                      find_unused_parameters=True,
                       progress=progress, data_hash=data_hash,
                       checkpoint_extra={"system": system, "mode": mode, "n_train": n_train,
                                         "seed": seed, "sigma": sigma, "sc_weight": sc_weight,
@@ -221,6 +226,20 @@ def train(system: str, mode: str, workdir: str | Path, *, n_train: int = 60, see
             group["lr"] = set_lr
     history = trainer.fit()
     return trainer.model, history
+
+
+def _shared_references(structures: list[Atoms], eng_kw: dict, sigma: float, path: Path,
+                       progress: bool) -> list[dict]:
+    """SCF references cached at ``path``: under torchrun rank 0 computes and writes them,
+    the other ranks wait and read (concurrent writers would corrupt the HDF5 file)."""
+    rank, world = distributed_context()
+    if rank == 0:
+        refs = scf_references(structures, eng_kw, sigma, path, progress=progress)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        refs = scf_references(structures, eng_kw, sigma, path, progress=False)
+    return refs
 
 
 def _absolute_plateau(scheduler, threshold_ha: float = 1e-6) -> None:
