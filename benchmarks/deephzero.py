@@ -263,6 +263,69 @@ def run_equivariance(model_name: str) -> dict:
     return out
 
 
+# -- band structure of a periodic model vs the engine's SCF bands ---------------------------
+def run_bands(model_name: str, npoints: int, path_name: str = "GMKG") -> dict:
+    """Bands of the model's H_theta(k) (DeepHZeroCalc) and of the SCF Kohn-Sham matrix of
+    the same engine (PySCF ``get_bands`` from the converged density) along a BandPath, on
+    the ideal structure of the model's system (graphene: a = 2.46 Å); MAE per band and plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ase_mlks.deephzero import DeepHZeroCalc
+
+    model = DeepHE3.load(model_name)
+    system = (model.checkpoint_meta.get("extra") or {}).get("system")
+    if system != "graphene":
+        raise SystemExit(f"bands: implemented for the graphene model, not {system!r}")
+    atoms = graphene(a=2.46, vacuum=5.0)
+    atoms.pbc = True
+    calc = DeepHZeroCalc(model=model)
+    atoms.calc = calc
+    path = atoms.cell.bandpath(path_name, npoints=npoints)
+    t0 = time.perf_counter()
+    e_model = calc.band_structure(path=path).energies[0]           # (nk, nbands) eV
+    t_model = time.perf_counter() - t0
+    eng = engine_from_description(atoms, model.engine_description)
+    t0 = time.perf_counter()
+    ref = eng.scf(model.sigma)
+    kabs = eng.mol.get_abs_kpts(path.kpts)
+    e_ref, _ = eng.mf.get_bands(kabs, dm_kpts=eng._dm_for_pyscf(ref.dm))
+    t_ref = time.perf_counter() - t0
+    e_ref = np.sort(np.asarray(e_ref), axis=1) * HARTREE
+    mu = float(ref.mu) * HARTREE
+    err = np.abs(np.sort(e_model, axis=1) - e_ref)
+    near = np.abs(e_ref - mu) < 3.0
+    out = {"model": model_name, "path": path_name, "npoints": npoints, "mu_eV": mu,
+           "mae_all_bands_meV": float(err.mean()) * 1e3,
+           "mae_within_3eV_of_mu_meV": float(err[near].mean()) * 1e3,
+           "mae_per_band_meV": (err.mean(axis=0) * 1e3).tolist(),
+           "model_seconds": t_model, "scf_plus_bands_seconds": t_ref}
+    x, xs, labels = path.get_linear_kpoint_axis()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(x, e_ref - mu, color="k", lw=1.5)
+    ax.plot(x, np.sort(e_model, axis=1) - mu, color="tab:red", ls="--", lw=1.2)
+    ax.plot([], [], color="k", label="PySCF SCF (same engine)")
+    ax.plot([], [], color="tab:red", ls="--", label="DeepH-Zero network (no labels)")
+    ax.set_xticks(xs, [lab.replace("G", "Γ") for lab in labels])
+    ax.set_xlim(x[0], x[-1])
+    ax.set_ylim(-12, 8)
+    ax.axhline(0.0, color="grey", lw=0.5)
+    ax.set_ylabel("E − μ (eV)")
+    ax.set_title(f"graphene, band MAE {out['mae_within_3eV_of_mu_meV']:.0f} meV (±3 eV of μ)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    OUT.mkdir(parents=True, exist_ok=True)
+    fig.savefig(OUT / "deephzero_bands_graphene.png", dpi=120)
+    plt.close(fig)
+    _save(f"bands_{Path(model_name).stem}", out)
+    for k in ("mae_all_bands_meV", "mae_within_3eV_of_mu_meV", "model_seconds",
+              "scf_plus_bands_seconds"):
+        print(f"{k:28s} {out[k]:.4g}")
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="part", required=True)
@@ -280,6 +343,9 @@ def main() -> None:
     g.add_argument("--n-timing", type=int, default=5, help="structures timed with a full SCF")
     g.add_argument("--no-engine", action="store_true",
                    help="H and eigenvalue errors only (no E[H] evaluation, no SCF timing)")
+    b = sub.add_parser("bands")
+    b.add_argument("--model", default="graphene-pbe-szv")
+    b.add_argument("--npoints", type=int, default=40)
     e = sub.add_parser("equivariance")
     e.add_argument("--model", default="h2o-pbe-svp")
     args = p.parse_args()
@@ -291,6 +357,8 @@ def main() -> None:
     elif args.part == "generalization":
         run_generalization(args.model, args.n_test, args.seed, args.n_timing,
                            not args.no_engine)
+    elif args.part == "bands":
+        run_bands(args.model, args.npoints)
     else:
         run_equivariance(args.model)
 

@@ -304,7 +304,7 @@ def test_graph_cutoff_must_cover_the_basis_overlap():
     that engine's H(k) (it held the first bcc Na training at ~2 eV); make_model refuses it."""
     from ase.build import graphene
 
-    from ase_mlks.deephzero.data import rattled_bcc_na
+    from ase_mlks.deephzero.data import rattled_bcc_na, rattled_graphene
     from ase_mlks.deephzero.engine import PySCFEngine
     from ase_mlks.deephzero.trainer import make_model
 
@@ -317,7 +317,18 @@ def test_graph_cutoff_must_cover_the_basis_overlap():
     gr.pbc = True
     assert PySCFEngine(gr, kmesh=(3, 3, 1), **gth).overlap_truncation(7.0) < 1e-3
     with pytest.raises(ValueError, match="misses basis overlaps"):
-        make_model("na", na, cutoff=7.0)
+        make_model("graphene", rattled_graphene(1), cutoff=4.0)
+
+
+def test_kmesh_must_resolve_every_hopping():
+    """A loss evaluated on a k-mesh fixes H_ij(R) + H_ij(R + N.a), never each: a 3x3 mesh
+    aliases every 7 Å hopping of graphene (the bands between mesh points were 7 eV off)."""
+    from ase_mlks.deephzero.data import rattled_graphene
+    from ase_mlks.deephzero.model import aliased_hoppings
+
+    g = build_graph(rattled_graphene(2), 7.0, [6])
+    assert aliased_hoppings(g, (3, 3, 1)) == len(g.src)
+    assert aliased_hoppings(g, (6, 6, 1)) == 0
 
 
 @pytest.mark.pyscf

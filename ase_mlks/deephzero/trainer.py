@@ -24,7 +24,7 @@ from ..core.checkpoint import hash_arrays
 from ..core.training import Trainer, distributed_context
 from .data import distorted_water, rattled_bcc_na, rattled_graphene, scf_references
 from .engine import HARTREE, PySCFEngine
-from .model import DeepHE3, assemble_k, build_graph
+from .model import DeepHE3, aliased_hoppings, assemble_k, build_graph
 from .variational import Anderson, FreeEnergy, initial_hamiltonian
 
 SYSTEMS = {
@@ -34,13 +34,15 @@ SYSTEMS = {
     # Na's gth-szv functions are diffuse: pairs beyond 7 Å still carry overlaps of 0.26
     # (PySCFEngine.overlap_truncation), so the cutoff is 11 Å (< 3e-3 missing); its hard
     # semicore 2s/2p need a fine FFT grid: at 20 Ha translating the cell changed on-site
-    # levels by 80 eV, at 150 Ha by 34 meV (PySCFEngine.translation_error)
+    # levels by 80 eV, at 150 Ha by 34 meV (PySCFEngine.translation_error); and an 11 Å
+    # cutoff needs a 6x6x6 mesh (aliased_hoppings). Consistent, but expensive: not trained.
     "na": (rattled_bcc_na, {"basis": "gth-szv", "xc": "PBE", "pseudo": "gth-pbe",
-                            "kmesh": (2, 2, 2), "ke_cutoff": 150.0}, 0.01,
+                            "kmesh": (6, 6, 6), "ke_cutoff": 150.0}, 0.01,
            {"cutoff": 11.0, "avg_neighbors": 50.0}),
-    # graphene: 60 Ha keeps the engine translation-invariant to ~1 meV (20 Ha: 2.3 eV)
+    # graphene: 60 Ha keeps the engine translation-invariant to ~1 meV (20 Ha: 2.3 eV); the
+    # 6x6 mesh's 14.8 Å supercell exceeds twice the 7 Å cutoff (a 3x3 mesh aliases hoppings)
     "graphene": (rattled_graphene, {"basis": "gth-szv", "xc": "PBE", "pseudo": "gth-pbe",
-                                    "kmesh": (3, 3, 1), "ke_cutoff": 60.0}, 0.01,
+                                    "kmesh": (6, 6, 1), "ke_cutoff": 60.0}, 0.01,
                  {"cutoff": 7.0, "avg_neighbors": 50.0}),
 }
 
@@ -152,15 +154,26 @@ def make_model(system: str, structures: list[Atoms], n_guess: int = 10,
     one Kohn-Sham build each; periodic systems use one structure, on-site biases only).
 
     Raises ValueError (periodic cells) when the graph cutoff misses more than
-    ``max_truncation`` of the basis overlap S(k), or when translating the cell changes the
-    engine's on-site levels by more than ``max_translation_ev`` (FFT grid too coarse): no
-    equivariant network can represent such an H(k).
+    ``max_truncation`` of the basis overlap S(k), when translating the cell changes the
+    engine's on-site levels by more than ``max_translation_ev`` (FFT grid too coarse) -- no
+    equivariant network can represent such an H(k) -- or when the k-mesh cannot tell two
+    hoppings of the training graphs apart (``aliased_hoppings``): the label-free loss sees
+    H(k) only on the mesh, so the bands between mesh points would be unconstrained.
     """
     gen, eng_kw, sigma, model_kw = SYSTEMS[system]
     eng = PySCFEngine(structures[0], **eng_kw)
     desc = eng.describe()
     model = DeepHE3(eng.orbital_basis.to_dict(), engine=desc, sigma=sigma,
                     **{**model_kw, **overrides})
+    if desc.get("periodic"):
+        aliased = aliased_hoppings(build_graph(structures, model.cutoff, model.species),
+                                   eng.kmesh)
+        if aliased:
+            raise ValueError(
+                f"k-mesh {eng.kmesh} is too coarse for the {model.cutoff} Å cutoff: {aliased} "
+                "hoppings H_ij(R) share their Bloch phases on the mesh with another edge "
+                "(R + N.a), so training on the mesh leaves them undetermined; use a "
+                "k-mesh whose supercell exceeds twice the cutoff")
     missing = eng.overlap_truncation(model.cutoff)
     if missing > max_truncation:
         raise ValueError(
@@ -285,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="LR schedule: halve on plateau (keep best) or cosine to --min-lr "
                         "over --epochs (keep final)")
     p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--init-model", default=None,
+                   help="start from this model (path or shipped name) instead of a new one")
     p.add_argument("--hidden", default=None, help="hidden irreps of a new network")
     p.add_argument("--layers", type=int, default=None, help="message-passing layers")
     p.add_argument("--threads", type=int, default=1)
@@ -305,8 +320,10 @@ def main(argv: list[str] | None = None) -> None:
                             epochs=args.epochs, model=model, with_labels=args.with_labels,
                             **common, **unsup)
     else:
+        init = DeepHE3.load(args.init_model) if args.init_model else None
         model, hist = train(args.system, args.mode, args.workdir, epochs=args.epochs,
-                            with_labels=args.with_labels, model_kwargs=model_kwargs, **common,
+                            with_labels=args.with_labels, model_kwargs=model_kwargs,
+                            model=init, **common,
                             **(unsup if args.mode == "unsupervised" else {}))
     if args.out:
         model.save(args.out, extra={"system": args.system, "mode": args.mode,
