@@ -327,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
                             **(unsup if args.mode == "unsupervised" else {}))
     if args.out:
         model.save(args.out, extra={"system": args.system, "mode": args.mode,
+                                    "init_model": args.init_model,
                                     "n_train": args.n_train, "seed": args.seed,
                                     "epochs": len(hist), "final": hist[-1] if hist else None})
         print(json.dumps({"saved": args.out, "final": hist[-1] if hist else None}))
