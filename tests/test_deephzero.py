@@ -394,3 +394,20 @@ def test_trainer_under_torchrun_matches_one_process(tmp_path):
     for key, value in out["one"].items():
         if value.numel():
             torch.testing.assert_close(out["two"][key], value, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.pyscf
+def test_cached_scf_references_check_the_engine_settings(tmp_path):
+    """A cache written at other settings (a 3x3 instead of a 6x6 mesh, another basis) is
+    refused, not read as this reference."""
+    from ase_mlks.core.errors import AseMlksError
+    from ase_mlks.deephzero.data import scf_references
+
+    h2 = [Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])]
+    kw = {"basis": "6-31g", "xc": "PBE", "grid_level": 1}
+    path = tmp_path / "refs.h5"
+    first = scf_references(h2, kw, 0.05, path, progress=False)
+    again = scf_references(h2, kw, 0.05, path, progress=False)
+    assert again[0]["free_energy"] == pytest.approx(first[0]["free_energy"], abs=1e-9)
+    with pytest.raises(AseMlksError, match="other engine settings"):
+        scf_references(h2, {**kw, "basis": "sto-3g"}, 0.05, path, progress=False)

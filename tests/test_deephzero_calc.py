@@ -1,4 +1,5 @@
-"""DeepHZeroCalc on the shipped model h2o-pbe-svp: ASE API, invariances, clear errors."""
+"""DeepHZeroCalc on the shipped models h2o-pbe-svp and graphene-pbe-szv: ASE API,
+invariances, the variational bound, clear errors."""
 
 from __future__ import annotations
 
@@ -85,3 +86,53 @@ def test_bad_inputs_raise_clear_errors(calc, tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):
         DeepHZeroCalc(model=str(bad))
+
+
+# -- the shipped periodic model: graphene, GTH-PBE, gth-szv, 6x6 k ------------------------
+@pytest.fixture(scope="module")
+def gcalc():
+    return DeepHZeroCalc(model="graphene-pbe-szv")
+
+
+def _graphene():
+    from ase.build import graphene
+
+    atoms = graphene(a=2.46, vacuum=5.0)
+    atoms.pbc = True  # the engine's 3D cell; 5 Å of vacuum on each side
+    return atoms
+
+
+def test_graphene_model_bands_have_a_dirac_cone(gcalc):
+    """Symmetry through the equivariant network: the pi bands meet at K and split away
+    from it -- along the whole path, not only on the training k-mesh."""
+    from ase_mlks.deephzero.model import aliased_hoppings, build_graph
+
+    desc = gcalc.model.engine_description
+    assert desc["periodic"] and desc["basis"] == "gth-szv" and desc["ke_cutoff"] >= 60
+    atoms = _graphene()
+    g = build_graph([atoms], gcalc.model.cutoff, gcalc.model.species)
+    assert aliased_hoppings(g, tuple(desc["kmesh"])) == 0
+    atoms.calc = gcalc
+    path = atoms.cell.bandpath("GMKG", npoints=31)
+    bs = gcalc.band_structure(path=path)
+    assert bs.energies.shape == (1, 31, 8)
+    assert gcalc.get_hamiltonian().hermiticity_error() < 1e-10
+    k = int(np.argmin(np.linalg.norm(path.kpts - [1 / 3, 1 / 3, 0], axis=1)))
+    e_k = np.sort(bs.energies[0, k])
+    assert np.diff(e_k)[3] < 1e-3            # the pi / pi* pair is degenerate at K
+    e_m = np.sort(bs.energies[0, 10])        # elsewhere on the path
+    assert np.diff(e_m)[3] > 1.0             # and split away from K
+    assert np.all(np.abs(bs.energies) < 60.0)  # no aliased, runaway levels off the mesh
+
+
+@pytest.mark.pyscf
+def test_graphene_model_energy_is_variational_and_close_to_scf(gcalc):
+    from ase_mlks.deephzero.engine import HARTREE, engine_from_description
+
+    atoms = _graphene()
+    atoms.calc = DeepHZeroCalc(model=gcalc.model)
+    e_model = atoms.get_potential_energy()
+    free = atoms.calc.get_property("free_energy")
+    ref = engine_from_description(atoms, gcalc.model.engine_description).scf(gcalc.model.sigma)
+    assert free >= ref.free_energy * HARTREE - 1e-6
+    assert e_model - ref.energy * HARTREE < 0.5

@@ -6,6 +6,7 @@ Geometries are generated from a seed, so a training set is reproducible from its
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from ase import Atoms
 from ase.build import bulk
 from scipy.spatial.transform import Rotation
 
+from ..core.errors import AseMlksError
 from .engine import PySCFEngine
 
 SCALARS = ("free_energy", "energy", "mu", "scf_seconds")
@@ -77,11 +79,19 @@ def scf_references(structures: list[Atoms], engine_kwargs: dict, sigma: float,
     from ..core.dataset import StructureDataset
 
     ds = StructureDataset(path, mode="a") if path is not None else None
+    # the cache is keyed by position; the settings are checked so that a file written at
+    # another k-mesh, cutoff or smearing is never read as this reference
+    settings = json.dumps({**engine_kwargs, "sigma": sigma}, sort_keys=True, default=list)
     out = []
     for idx, atoms in enumerate(tqdm(structures, desc="SCF references", disable=not progress)):
         key = f"s{idx:05d}"
         if ds is not None and key in ds:
             rec = ds.read(key)
+            stored = rec["attrs"].get("engine")
+            if stored is not None and stored != settings:
+                raise AseMlksError(
+                    f"{path}: reference {key} was computed with other engine settings "
+                    f"({stored}, not {settings}); delete the file or use another path")
             if np.allclose(rec["atoms"].positions, atoms.positions, atol=1e-5):
                 attrs = rec.pop("attrs")
                 rec.pop("atoms")
@@ -94,7 +104,7 @@ def scf_references(structures: list[Atoms], engine_kwargs: dict, sigma: float,
                   "mo_energy": ref.mo_energy}
         # energies (Ha, ~1e2) need float64: kept as attributes, arrays as float32
         scalars = {"free_energy": ref.free_energy, "energy": ref.energy, "mu": ref.mu,
-                   "scf_seconds": ref.seconds}
+                   "scf_seconds": ref.seconds, "engine": settings}
         if ds is not None:
             ds.append(key, atoms, metadata=scalars, **arrays)
         out.append({**arrays, **scalars})
