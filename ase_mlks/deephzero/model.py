@@ -450,6 +450,17 @@ def _split_blocks(basis: OrbitalBasis, g: Graph, on_flat: torch.Tensor, hop_flat
     return onsite, hops
 
 
+def _block_positions(r0: np.ndarray, c0: np.ndarray, nr: np.ndarray, nc: np.ndarray,
+                     n: int) -> np.ndarray:
+    """Flat indices (row * n + col) in an (n, n) matrix of every element of the blocks
+    whose top-left corners are (r0, c0) and shapes (nr, nc), blocks in order, each
+    row-major: the order in which the flat block vectors store them."""
+    size = nr * nc
+    within = np.arange(int(size.sum())) - np.repeat(np.cumsum(size) - size, size)
+    ncol = np.repeat(nc, size)
+    return (np.repeat(r0, size) + within // ncol) * n + np.repeat(c0, size) + within % ncol
+
+
 def assemble_k_flat(basis: OrbitalBasis, g: Graph, on_flat: torch.Tensor,
                     hop_flat: torch.Tensor, kpts=None) -> list[torch.Tensor]:
     """Dense H(k) per structure from the flat block vectors, by one scatter per structure.
@@ -471,23 +482,16 @@ def assemble_k_flat(basis: OrbitalBasis, g: Graph, on_flat: torch.Tensor,
     out = []
     for s in range(nstruct):
         a0, a1 = g.atom_offset[s], g.atom_offset[s + 1]
-        aoff = np.concatenate([[0], np.cumsum(lay.norb[a0:a1])])
+        aoff = basis.orbital_offsets(g.numbers[a0:a1])
         n = int(aoff[-1])
         k = np.zeros((1, 3)) if (kpts is None or kpts[s] is None) else np.asarray(kpts[s])
         nk = len(k)
-        # on-site elements: block of atom a at (aoff[a], aoff[a])
-        on_pos = np.concatenate([((aoff[a] + np.arange(m)[:, None]) * n + aoff[a]
-                                  + np.arange(m)[None, :]).ravel()
-                                 for a, m in enumerate(lay.norb[a0:a1])])
+        norb = lay.norb[a0:a1]
+        on_pos = _block_positions(aoff[:-1], aoff[:-1], norb, norb, n)
         edges = np.arange(eoff[s], eoff[s + 1])
-        ni, nj = lay.norb[src[edges]], lay.norb[dst[edges]]
-        r0, c0 = aoff[src[edges] - a0], aoff[dst[edges] - a0]
-        size = ni * nj
-        elem_edge = np.repeat(np.arange(len(edges)), size)
-        within = np.arange(int(size.sum())) - np.repeat(np.cumsum(size) - size, size)
-        ncol = np.repeat(nj, size)
-        hop_pos = (np.repeat(r0, size) + within // ncol) * n + np.repeat(c0, size) \
-            + within % ncol
+        i, j = src[edges] - a0, dst[edges] - a0
+        hop_pos = _block_positions(aoff[i], aoff[j], norb[i], norb[j], n)
+        elem_edge = np.repeat(np.arange(len(edges)), norb[i] * norb[j])
         if g.pbc[s]:
             phase = torch.as_tensor(np.exp(2j * np.pi * g.shifts[edges] @ k.T))  # (E, nk)
             vals = hop_parts[s].to(torch.complex128)[None, :] * phase[elem_edge].T
