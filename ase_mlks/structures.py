@@ -233,6 +233,28 @@ def bilayer_configuration(rng: np.random.Generator, material: str | Material = "
     return atoms
 
 
+def monolayer_configuration(rng: np.random.Generator, material: str | Material = "MoS2",
+                            size: tuple[int, int] = (1, 1), rattle_std: float = 0.05,
+                            strain: float = 0.03, vacuum: float = 6.0) -> Atoms:
+    """A distorted monolayer: every atom moved by a Gaussian of ``rattle_std`` Å per
+    Cartesian component, then the cell strained in-plane (biaxial part uniform in
+    [−strain, strain], anisotropic part and shear in [−strain/4, strain/4], as for the
+    bilayers). For Hamiltonian training sets (e.g. AO H(R), S(R) of GPAW's basis).
+    atoms.info records rattle_std and the strain tensor (eps_xx, eps_yy, eps_xy).
+    """
+    atoms = monolayer(material, vacuum=vacuum, size=size)
+    atoms.positions += rng.normal(0.0, rattle_std, size=(len(atoms), 3))
+    atoms.wrap()
+    atoms.info["rattle_std"] = float(rattle_std)
+    if strain > 0:
+        biaxial = rng.uniform(-strain, strain)
+        aniso, exy = rng.uniform(-strain / 4, strain / 4, size=2)
+        exx, eyy = biaxial + aniso, biaxial - aniso
+        apply_inplane_strain(atoms, np.array([[exx, exy], [exy, eyy]]))
+        atoms.info["strain"] = (float(exx), float(eyy), float(exy))
+    return atoms
+
+
 def apply_inplane_strain(atoms: Atoms, eps: np.ndarray) -> None:
     """Deform ``atoms`` in place by the symmetric 2×2 in-plane strain ``eps`` (x, y only).
 

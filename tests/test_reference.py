@@ -278,3 +278,84 @@ def test_gw_convergence_study_checks_settings_and_resumes_from_its_log(tmp_path)
     log.write_text(json.dumps({"w20": row}) + "\n")
     assert convergence_study(atoms, {"w20": {"omega2": 20}}, tmp_path, log_path=log) == \
         {"w20": row}
+
+
+def _chain_overlaps(nk: int, eps: float):
+    """Two delta-like orbitals per cell of a 1-D chain in a smoothly twisted Bloch gauge.
+
+    In the orbital basis the localization matrices are exactly diag(e^{-i b.tau_a}) (zero
+    spread); the eigenvector gauge of H(k) rotated by a smooth k-dependent unitary W_k
+    spreads the orbitals, which the localization steps must undo.
+    """
+    import scipy.linalg
+
+    from ase_mlks.reference.localize import neighbours
+
+    cell = np.diag([3.0, 10.0, 10.0])
+    tau = np.array([[0.4, 5.0, 4.0], [1.9, 5.5, 6.0]])
+    kpts = np.array([[q / nk, 0.0, 0.0] for q in range(nk)])
+    nb = neighbours(kpts, (nk, 1, 1), cell)
+    recip = 2 * np.pi * np.linalg.inv(cell).T
+    A = np.array([[0, 1], [-1, 0]], complex)
+    B = np.array([[1j, 0.3], [0.3, -1j]]) - np.array([[1j, 0.3], [0.3, -1j]]).conj().T
+    eigs, T, C = [], [], []
+    for k in kpts:
+        ph = np.exp(2j * np.pi * k[0])
+        H = np.array([[0.5, -1.0 - 0.4 * ph], [-1.0 - 0.4 * ph.conjugate(), -0.5]])
+        e, c = np.linalg.eigh(H)
+        W = scipy.linalg.expm(eps * (np.cos(2 * np.pi * k[0]) * A + np.sin(2 * np.pi * k[0]) * B))
+        eigs.append(e)
+        C.append(c)  # psi_nk = sum_a c[a, n] |a k>
+        T.append(c.conj().T @ W)  # |w_a k> = sum_n psi_nk T[n, a]
+    Z0 = np.empty((len(nb.dirs), nk, 2, 2), complex)
+    for d in range(len(nb.dirs)):
+        bcart = nb.b[d] @ recip
+        for q in range(nk):
+            q1 = nb.next[d, q]
+            # <psi_nk| e^{-i b.r} |psi_m,k+b>; between orbitals it is diag(e^{-i b.tau})
+            M = C[q].conj().T @ np.diag(np.exp(-1j * tau @ bcart)) @ C[q1]
+            Z0[d, q] = T[q].conj().T @ M @ T[q1]
+    return Z0, nb, np.array(eigs), T, tau
+
+
+def test_localization_steps_undo_a_smooth_gauge_twist():
+    from ase_mlks.reference.localize import localize
+
+    Z0, nb, eigs, T, tau = _chain_overlaps(nk=8, eps=0.6)
+    untwisted, _, _, _, _ = _chain_overlaps(nk=8, eps=0.0)
+    ideal = localize(untwisted, nb, steps=0)
+    assert ideal.spreads_initial.max() < 1e-10  # the orbital gauge has zero spread
+    res = localize(Z0, nb, steps=30)
+    assert np.all(np.diff(res.spread) <= 1e-12)  # never increases
+    assert res.spread[-1] < 0.05 * res.spread[0]
+    assert res.spreads_final.sum() < 0.05 * res.spreads_initial.sum()
+    # centres go back to the orbital positions (modulo the supercell)
+    d = res.centres_final - tau
+    d -= np.round(d @ np.linalg.inv(nb.large_cell)) @ nb.large_cell
+    assert np.abs(d).max() < 0.05
+    # the rotation stays inside the manifold: H_W(k) keeps its eigenvalues
+    for q in range(8):
+        U = T[q] @ res.V[q]
+        assert np.allclose(U.conj().T @ U, np.eye(2), atol=1e-10)
+        assert np.allclose(np.linalg.eigvalsh(U.conj().T @ np.diag(eigs[q]) @ U), eigs[q])
+
+
+def test_monolayer_items_are_distorted_and_reproducible_per_index():
+    from ase_mlks.reference.pipeline import monolayer_items
+    from ase_mlks.structures import monolayer
+
+    ideal = monolayer("MoS2")
+    items = dict(monolayer_items("MoS2", 0, 3, seed=0, rattle_std=0.05, strain=0.03))
+    assert list(items) == [f"monolayer_MoS2_{i:05d}" for i in range(3)]
+    again = dict(monolayer_items("MoS2", 2, 1, seed=0, rattle_std=0.05, strain=0.03))
+    assert np.allclose(again["monolayer_MoS2_00002"].positions,
+                       items["monolayer_MoS2_00002"].positions)
+    for atoms in items.values():
+        exx, eyy, exy = atoms.info["strain"]
+        assert max(abs(exx), abs(eyy)) <= 0.03 * 1.25 + 1e-12 and abs(exy) <= 0.03 / 4
+        assert not np.allclose(atoms.cell[:2], ideal.cell[:2])
+        assert tuple(atoms.pbc) == (True, True, False)
+        d = atoms.get_all_distances(mic=True)
+        assert d[np.triu_indices(3, 1)].min() > 2.0  # distorted, not broken
+    a, b = list(items.values())[:2]
+    assert not np.allclose(a.positions, b.positions)

@@ -45,6 +45,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="outer window (eV vs E_F); with --frozen")
     p.add_argument("--weight-selection", action="store_true",
                    help="select the Wannier manifold by projection weight (default)")
+    p.add_argument("--localize", type=int, default=0, metavar="STEPS",
+                   help="spread-minimizing steps after the Löwdin projection (default 0)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--txtdir", default=None, help="directory for GPAW text logs")
     p.add_argument("--mpi", type=int, default=0, help="re-run under 'gpaw -P N'")
@@ -85,7 +87,8 @@ def _options(args, basis, wannier_kpts, selection="weight"):
         wannier_selection=selection,
         wannier_basis={} if args.no_wannier else basis,
         wannier_kpts=tuple(args.wannier_kpts) if args.wannier_kpts else wannier_kpts,
-        h_threshold=args.h_threshold, gpaw_bands=args.gpaw_bands, ao=args.ao)
+        h_threshold=args.h_threshold, gpaw_bands=args.gpaw_bands, ao=args.ao,
+        localization_steps=args.localize)
 
 
 def _basis_for(atoms) -> dict:
@@ -120,6 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("monolayer", help="monolayers of 2D materials")
     _common(p)
     p.add_argument("--materials", nargs="+", default=["MoS2"])
+    p.add_argument("--count", type=int, default=0,
+                   help="distorted configurations per material (0: the ideal monolayer)")
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rattle", type=float, default=0.05, help="Gaussian std (Å), with --count")
+    p.add_argument("--strain", type=float, default=0.03,
+                   help="max in-plane strain, with --count")
     p = sub.add_parser("twisted", help="commensurate twisted bilayer (m, n)")
     _common(p)
     p.add_argument("--material", default="MoS2")
@@ -222,7 +232,14 @@ def _run(args, command: str) -> int:
     elif args.cmd == "monolayer":
         from ..structures import monolayer
 
-        items = [(f"monolayer_{m}", monolayer(m)) for m in args.materials]
+        if args.count > 0:
+            items = [it for m in args.materials
+                     for it in pipeline.monolayer_items(m, args.start, args.count,
+                                                        seed=args.seed,
+                                                        rattle_std=args.rattle,
+                                                        strain=args.strain)]
+        else:
+            items = [(f"monolayer_{m}", monolayer(m)) for m in args.materials]
         settings = _settings(args, (12, 12))
         basis = _basis_for(items[0][1])
         options = _options(args, basis, (18, 18))

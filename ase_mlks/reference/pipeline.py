@@ -33,7 +33,8 @@ from .settings import DEFAULT, LCAOSettings, versions
 log = logging.getLogger("ase_mlks.reference")
 
 __all__ = ["RecordOptions", "ReferenceFailure", "check_path", "compute_slab_record",
-           "run_dataset", "write_record", "bilayer_items", "existing_keys"]
+           "run_dataset", "write_record", "bilayer_items", "monolayer_items",
+           "existing_keys"]
 
 
 class ReferenceFailure(AseMlksError):
@@ -54,7 +55,9 @@ class RecordOptions:
     SCF grid); h_threshold: drop |H_ab(R)| below this (eV) when storing; band_path: special
     points of the band-error check ('' to skip); band_npoints: points on that path;
     gpaw_bands: store GPAW's bands on the path for the ``gpaw_nbands`` bands nearest the gap;
-    ao: also store the AO H(R), S(R) of GPAW's LCAO basis.
+    ao: also store the AO H(R), S(R) of GPAW's LCAO basis; localization_steps: fixed
+    number of spread-minimizing steps after the Löwdin projection (0: none; the non-SCF
+    run then keeps every k-point, no time-reversal reduction).
     """
 
     wannier_basis: dict = field(default_factory=lambda: {"Mo": "4d", "S": "3p"})
@@ -68,6 +71,7 @@ class RecordOptions:
     gpaw_bands: bool = False
     gpaw_nbands: int = 8
     ao: bool = False
+    localization_steps: int = 0
 
     def todict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -148,9 +152,12 @@ def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
         # non-SCF run with all nao bands: the SCF keeps too few empty bands to hold the
         # whole d/p manifold of a bilayer (its upper d bands lie above them)
         wgrid = tuple(options.wannier_kpts or settings.kpts)
+        # the localization integrals need every k-point's wave functions
+        symmetry = ("off" if options.localization_steps > 0
+                    else {"point_group": False, "time_reversal": True})
         wcalc = calc.fixed_density(
-            kpts={"size": (*wgrid, 1), "gamma": True}, nbands="nao",
-            symmetry={"point_group": False, "time_reversal": True}, txt=None)
+            kpts={"size": (*wgrid, 1), "gamma": True}, nbands="nao", symmetry=symmetry,
+            txt=None)
         wcalc.get_potential_energy()
     full = None
     if options.wannier_basis:
@@ -163,7 +170,8 @@ def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
             window = selection["frozen"]
         try:
             full = build_wannier(wcalc, atoms, basis=options.wannier_basis,
-                                 width=settings.width, selection=selection)
+                                 width=settings.width, selection=selection,
+                                 localization_steps=options.localization_steps)
         except ValueError as err:  # windows that do not fit this structure: keep E, F
             log.warning("Wannier construction failed: %s", err)
             rec["meta"]["wannier_error"] = str(err)
@@ -175,6 +183,8 @@ def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
                 "selection": res.selection, "h_threshold": options.h_threshold,
                 "nnz_before_threshold": int(full.tb().nnz), "basis": options.wannier_basis,
                 "selection_relative_to_fermi": options.wannier_selection}
+        if res.localization is not None:
+            meta["localization"] = res.localization
         if path is not None:
             ref, path_eigs = gpaw_manifold_bands(calc, path.kpts, basis=options.wannier_basis,
                                                  return_all=True)
@@ -345,3 +355,16 @@ def bilayer_items(start: int, count: int, seed: int = 0, prefix: str = "bl",
         atoms.info["index"] = i
         atoms.info["seed"] = seed
         yield f"{prefix}{i:05d}", atoms
+
+
+def monolayer_items(material: str, start: int, count: int, seed: int = 0,
+                    **kwargs) -> Iterator[tuple[str, Atoms]]:
+    """(key, atoms) of distorted monolayers ``start .. start+count-1`` (key
+    'monolayer_<material>_<index>'), each from its own generator seeded by (seed, i)."""
+    from ..structures import monolayer_configuration
+
+    for i in range(start, start + count):
+        atoms = monolayer_configuration(np.random.default_rng([seed, i]), material, **kwargs)
+        atoms.info["index"] = i
+        atoms.info["seed"] = seed
+        yield f"monolayer_{material}_{i:05d}", atoms

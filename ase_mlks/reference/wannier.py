@@ -1,7 +1,7 @@
 """Wannier-type tight-binding Hamiltonians H(R) from GPAW LCAO calculations.
 
 Construction (the DPWannier paper's alternative to maximal localization: Wannierized atomic
-orbitals, no localization steps):
+orbitals, optionally followed by a fixed number of localization steps, localize.py):
 
 1. Bloch states psi_nk of a converged LCAO calculation on a full Gamma-centred k-grid
    (time-reversal partners rebuilt as complex conjugates).
@@ -14,6 +14,8 @@ orbitals, no localization steps):
 4. Löwdin orthonormalization U = A (A^dag A)^(-1/2) (polar factor, via SVD), so
    w_ak = sum_n psi_nk U_na is orthonormal and as close as possible to the atomic
    orbitals: the basis changes smoothly with the structure.
+   Optional (``localization_steps`` > 0): that many steepest-descent steps on the
+   Marzari–Vanderbilt spread, rotating the gauge inside the selected subspace (localize.py).
 5. H_W(k) = U^dag diag(e_k) U, Fourier transformed to H(R) = 1/N sum_k e^{-2 pi i k.R} H_W(k)
    with Wigner-Seitz images: every element (a, b, R mod N) is given to the lattice vector(s)
    R minimising |tau_b + R - tau_a| in the Born-von-Karman supercell (shared equally when
@@ -79,7 +81,8 @@ class WannierResult:
     R: (nR, 3) int; H: (nR, norb, norb) complex (eV, vs vacuum); orbital_atoms: (norb,);
     orbital_positions: (norb, 3) Å; nelectrons: electrons in the manifold (from the GPAW
     occupations); min_singular: smallest singular value of the projection matrix over k
-    (near 0 means the orbitals do not span the selected bands); labels: orbital labels.
+    (near 0 means the orbitals do not span the selected bands); labels: orbital labels;
+    localization: steps, step and the spread (Å^2) before and after them, or None.
     """
 
     R: np.ndarray
@@ -92,6 +95,7 @@ class WannierResult:
     min_singular: float
     grid: tuple[int, int, int]
     selection: str
+    localization: dict | None = None
 
     def tb(self) -> TBHamiltonian:
         """The core TBHamiltonian (real H(R): the orbitals are real functions)."""
@@ -280,13 +284,17 @@ def _disentangled_subspace(e: np.ndarray, A: np.ndarray, frozen: np.ndarray, nor
     return V
 
 
-def wannier_hk(data: BlochData, proj: np.ndarray, selection="weight"):
-    """H_W(k) (nk, norb, norb), selected bands per k, and min singular value of A."""
+def wannier_gauge(data: BlochData, proj: np.ndarray, selection="weight"):
+    """Selected bands and Löwdin gauge per k-point.
+
+    Returns (selected, T, smin): ``selected[q]`` band indices at k-point q, ``T[q]``
+    (nsel, norb) coefficients of the Wannier-gauge Bloch orbitals
+    |w_a k> = sum_n |psi_nk> T[q][n, a] (orthonormal columns), and the smallest singular
+    value of the projection matrices.
+    """
     norb = len(proj)
-    nk = len(data.kpts)
-    Hk = np.zeros((nk, norb, norb), complex)
-    selected, smin = [], np.inf
-    for q in range(nk):
+    selected, gauges, smin = [], [], np.inf
+    for q in range(len(data.kpts)):
         S = _hermitian(data.S[q])
         C = data.C[q]
         A = C.conj() @ S[:, proj]  # (nb, norb): <psi_n | g_a>
@@ -294,21 +302,31 @@ def wannier_hk(data: BlochData, proj: np.ndarray, selection="weight"):
         # weight of band n in span{g}: A Sgg^-1 A^dag (diagonal)
         w = np.einsum("na,ab,nb->n", A, np.linalg.inv(Sgg), A.conj()).real
         sel = select_bands(data.eigenvalues[q], w, norb, selection)
-        selected.append(sel)
         e = data.eigenvalues[q][sel]
         Asel = A[sel]
+        V = None
         if isinstance(selection, dict):  # frozen + outer window: disentangle first
             fmin, fmax = selection["frozen"]
             V = _disentangled_subspace(e, Asel, (e >= fmin) & (e <= fmax), norb)
-            Hsub = V.conj().T @ (e[:, None] * V)
             Asel = V.conj().T @ Asel
-        else:
-            Hsub = np.diag(e).astype(complex)
         W, sv, Vh = np.linalg.svd(Asel, full_matrices=False)
         smin = min(smin, sv.min())
-        U = W @ Vh  # (norb, norb) or (nsel, norb): Löwdin/polar factor
-        Hk[q] = U.conj().T @ Hsub @ U
-    return Hk, selected, float(smin)
+        U = W @ Vh  # Löwdin/polar factor
+        selected.append(sel)
+        gauges.append(U if V is None else V @ U)
+    return selected, gauges, float(smin)
+
+
+def gauge_hamiltonian(data: BlochData, selected, gauges) -> np.ndarray:
+    """H_W(k) = T^dag diag(e_k) T for every k-point, (nk, norb, norb) complex, eV."""
+    return np.array([T.conj().T @ (data.eigenvalues[q][sel][:, None] * T)
+                     for q, (sel, T) in enumerate(zip(selected, gauges))])
+
+
+def wannier_hk(data: BlochData, proj: np.ndarray, selection="weight"):
+    """H_W(k) (nk, norb, norb), selected bands per k, and min singular value of A."""
+    selected, gauges, smin = wannier_gauge(data, proj, selection)
+    return gauge_hamiltonian(data, selected, gauges), selected, smin
 
 
 def fourier_ws(kpts: np.ndarray, Hk: np.ndarray, grid, cell: np.ndarray,
@@ -356,11 +374,14 @@ def _occupied_electrons(data: BlochData, selected, fermi: float, width: float) -
 
 
 def build_wannier(calc, atoms=None, basis: OrbitalBasis | dict = MOS2_BASIS,
-                  selection="weight", width: float = 0.05) -> WannierResult:
+                  selection="weight", width: float = 0.05, localization_steps: int = 0,
+                  localization_step: float = 0.25) -> WannierResult:
     """Wannier H(R) of a converged GPAW LCAO calculation (see the module docstring).
 
     basis: projection orbitals per element; selection: 'weight' or an (emin, emax) window
-    in eV; width: Fermi-Dirac width (eV) used to count the manifold's electrons.
+    in eV; width: Fermi-Dirac width (eV) used to count the manifold's electrons;
+    localization_steps: steepest-descent steps on the spread after the Löwdin projection
+    (0: none; needs a calculation without any k-point symmetry, see localize.py).
     """
     if atoms is None:
         atoms = calc.get_atoms()
@@ -369,7 +390,12 @@ def build_wannier(calc, atoms=None, basis: OrbitalBasis | dict = MOS2_BASIS,
     setups = calc.dft.setups
     proj, orb_atoms, labels = projection_indices(setups, atoms.numbers, basis)
     data = bloch_data(calc)
-    Hk, selected, smin = wannier_hk(data, proj, selection)
+    selected, gauges, smin = wannier_gauge(data, proj, selection)
+    localization = None
+    if localization_steps > 0:
+        gauges, localization = _localized(calc, data, atoms, selected, gauges,
+                                          localization_steps, localization_step)
+    Hk = gauge_hamiltonian(data, selected, gauges)
     positions = atoms.positions[orb_atoms]
     R, H = fourier_ws(data.kpts, Hk, data.grid, atoms.cell[:], positions)
     nel = _occupied_electrons(data, selected, calc.get_fermi_level(), width)
@@ -382,7 +408,24 @@ def build_wannier(calc, atoms=None, basis: OrbitalBasis | dict = MOS2_BASIS,
         sel_name = f"window{tuple(selection)}"
     return WannierResult(R=R, H=H, cell=atoms.cell[:].copy(), orbital_atoms=orb_atoms,
                          orbital_positions=positions, labels=labels, nelectrons=nel,
-                         min_singular=smin, grid=data.grid, selection=sel_name)
+                         min_singular=smin, grid=data.grid, selection=sel_name,
+                         localization=localization)
+
+
+def _localized(calc, data, atoms, selected, gauges, steps: int, step: float):
+    """Gauges after ``steps`` localization steps, and a summary of what they did."""
+    from .localize import localization_matrices, localize, neighbours
+
+    nb = neighbours(data.kpts, data.grid, atoms.cell[:])
+    res = localize(localization_matrices(calc, nb, selected, gauges), nb, steps, step)
+    new = [T @ V for T, V in zip(gauges, res.V)]
+    summary = {"steps": steps, "step": step,
+               "spread_functional": [float(res.spread[0]), float(res.spread[-1])],
+               "spread_total": [float(res.spreads_initial.sum()),
+                                float(res.spreads_final.sum())],
+               "centre_shift_max": float(np.abs(res.centres_final - res.centres_initial
+                                                ).max())}
+    return new, summary
 
 
 def gpaw_manifold_bands(calc, path_kpts: np.ndarray, basis: OrbitalBasis | dict = MOS2_BASIS,
