@@ -30,11 +30,15 @@ def ao_labels(setups) -> tuple[np.ndarray, list[str]]:
     return np.array(atoms_of), labels
 
 
-def ao_hamiltonian(calc, atoms=None, threshold: float = 1e-5) -> TBHamiltonian:
+def ao_hamiltonian(calc, atoms=None, threshold: float = 1e-5,
+                   s_threshold: float = 1e-7) -> TBHamiltonian:
     """H(R) (eV) and S(R) of GPAW's LCAO basis from a converged calculation.
 
     The calculation must use a Gamma-centred k-grid without point-group symmetry. Entries
-    with |H| and |S| both below ``threshold`` are dropped.
+    with |H| below ``threshold`` (eV) and |S| below ``s_threshold`` are dropped. The
+    overlap needs the much smaller cut: double-zeta-polarized bases are nearly linearly
+    dependent (smallest eigenvalue of the MoS2 dzp S(k) ~2e-5), and dropping its
+    elements below 1e-4 made S(k) indefinite.
     """
     from gpaw.lcao.tools import get_lcao_hamiltonian
 
@@ -57,7 +61,7 @@ def ao_hamiltonian(calc, atoms=None, threshold: float = 1e-5) -> TBHamiltonian:
     R2, S = fourier_ws(ks, np.array(Ss), grid, atoms.cell[:], pos)
     assert np.array_equal(R, R2)
     H, S = H.real, S.real  # real orbitals: imaginary parts are numerical noise
-    small = (np.abs(H) < threshold) & (np.abs(S) < threshold)
+    small = (np.abs(H) < threshold) & (np.abs(S) < s_threshold)
     H[small] = 0.0
     S[small] = 0.0
     nel = float(calc.get_number_of_electrons())
