@@ -223,14 +223,22 @@ def bilayer_configuration(rng: np.random.Generator, material: str | Material = "
     atoms.info["rattle_std"] = float(std)
     if strain > 0:
         # drawn after everything else so unstrained configurations of a seed stay the same
-        # biaxial part uniform over the full range (near-commensurate cells strain a layer
-        # biaxially: -3.2 % at 3.42°, -7.2 % at 8.95°) plus a smaller anisotropic part
-        biaxial = rng.uniform(-strain, strain)
-        aniso, exy = rng.uniform(-strain / 4, strain / 4, size=2)
-        exx, eyy = biaxial + aniso, biaxial - aniso
-        apply_inplane_strain(atoms, np.array([[exx, exy], [exy, eyy]]))
-        atoms.info["strain"] = (float(exx), float(eyy), float(exy))
+        _random_inplane_strain(atoms, rng, strain)
     return atoms
+
+
+def _random_inplane_strain(atoms: Atoms, rng: np.random.Generator, strain: float) -> None:
+    """Strain ``atoms`` in place by a random in-plane tensor; record it in atoms.info.
+
+    Biaxial part uniform over the full range [−strain, strain] (near-commensurate cells
+    strain a layer biaxially: −3.2 % at 3.42°, −7.2 % at 8.95°) plus a smaller anisotropic
+    part (ε_xx − ε_yy)/2 and shear ε_xy, each uniform in [−strain/4, strain/4].
+    """
+    biaxial = rng.uniform(-strain, strain)
+    aniso, exy = rng.uniform(-strain / 4, strain / 4, size=2)
+    exx, eyy = biaxial + aniso, biaxial - aniso
+    apply_inplane_strain(atoms, np.array([[exx, exy], [exy, eyy]]))
+    atoms.info["strain"] = (float(exx), float(eyy), float(exy))
 
 
 def monolayer_configuration(rng: np.random.Generator, material: str | Material = "MoS2",
@@ -247,11 +255,7 @@ def monolayer_configuration(rng: np.random.Generator, material: str | Material =
     atoms.wrap()
     atoms.info["rattle_std"] = float(rattle_std)
     if strain > 0:
-        biaxial = rng.uniform(-strain, strain)
-        aniso, exy = rng.uniform(-strain / 4, strain / 4, size=2)
-        exx, eyy = biaxial + aniso, biaxial - aniso
-        apply_inplane_strain(atoms, np.array([[exx, exy], [exy, eyy]]))
-        atoms.info["strain"] = (float(exx), float(eyy), float(exy))
+        _random_inplane_strain(atoms, rng, strain)
     return atoms
 
 

@@ -34,14 +34,13 @@ class Neighbours:
 
     dirs: (nd, 3) int supercell reciprocal directions; b: (nd, 3) fractional k steps
     (dirs / grid); weights: (nd,) Å^2; next: (nd, nk) index of fold(k + b) in ``kpts``;
-    G: (nd, nk, 3) int with kpts[next] = k + b - G; large_cell: (3, 3) Å supercell.
+    large_cell: (3, 3) Å supercell.
     """
 
     dirs: np.ndarray
     b: np.ndarray
     weights: np.ndarray
     next: np.ndarray
-    G: np.ndarray
     large_cell: np.ndarray
 
 
@@ -66,26 +65,24 @@ def neighbours(kpts: np.ndarray, grid, cell: np.ndarray) -> Neighbours:
     """Neighbour table of the uniform Γ-centred ``grid`` holding ``kpts`` (nk, 3)."""
     from ase.dft.wannier import calculate_weights
 
+    from .wannier import _key
+
     grid = np.asarray(grid, int)
     large = np.asarray(cell, float) * grid[:, None]
     weights, dirs = calculate_weights(large, normalize=False)
     dirs = np.asarray(dirs, int)
     b = dirs / grid[None, :]
-    index = {tuple(np.round(np.mod(k, 1.0) * grid).astype(int) % grid): i
-             for i, k in enumerate(kpts)}
+    index = {_key(k, grid): i for i, k in enumerate(kpts)}
     nd, nk = len(dirs), len(kpts)
     nxt = np.empty((nd, nk), int)
-    G = np.empty((nd, nk, 3), int)
     for d in range(nd):
         for i, k in enumerate(kpts):
             target = k + b[d]
-            key = tuple(np.round(np.mod(target, 1.0) * grid).astype(int) % grid)
+            key = _key(target, grid)
             if key not in index:
                 raise ValueError(f"k-point {target} is not on the {tuple(grid)} grid")
-            j = index[key]
-            nxt[d, i] = j
-            G[d, i] = np.round(target - kpts[j]).astype(int)
-    return Neighbours(dirs, b, np.asarray(weights, float), nxt, G, large)
+            nxt[d, i] = index[key]
+    return Neighbours(dirs, b, np.asarray(weights, float), nxt, large)
 
 
 def _grid_wave_functions(calc, k: int, nbands: int):
