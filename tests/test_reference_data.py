@@ -82,7 +82,8 @@ def test_distorted_monolayer_ao_set_reproduces_gpaw_bands():
                 assert np.abs(e[None, :] - e_ref[:, None]).min(axis=1).max() < 0.02
 
 
-@pytest.mark.parametrize("name", ["mos2_bilayer_2x2.h5", "mos2_twisted_1_2.h5"])
+@pytest.mark.parametrize("name", ["mos2_bilayer_2x2.h5", "mos2_twisted_1_2.h5",
+                                  "mos2_twisted_2_3.h5"])
 def test_fixture_schema_and_physics(name):
     path = need(DATA / name)
     with StructureDataset(path, "r") as ds:
@@ -111,6 +112,33 @@ def test_fixture_schema_and_physics(name):
             eps = np.sort(tb.eigenvalues(rec["path_kpts"]), axis=1)
             err = np.abs(eps - rec["wannier_gpaw_bands"]).max()
             assert err == pytest.approx(meta["band_error_max"], abs=2e-3)
+
+
+def test_extract_with_h_threshold_cuts_the_wannier_hamiltonian(tmp_path):
+    """``reference extract --h-threshold`` drops small H(R) elements (on-site diagonal kept),
+    records the cut and recomputes the band errors for the cut H; the file shrinks."""
+    from ase_mlks.reference.__main__ import main
+
+    src = need(DATA / "mos2_twisted_1_2.h5")
+    key = "twisted_MoS2_1_2"
+    assert main(["extract", str(src), key, "--out", str(tmp_path / "full.h5")]) == 0
+    assert main(["extract", str(src), key, "--out", str(tmp_path / "cut.h5"),
+                 "--h-threshold", "0.005"]) == 0
+    with h5py.File(tmp_path / "full.h5") as f, h5py.File(tmp_path / "cut.h5") as g:
+        full, cut = (TBHamiltonian.from_hdf5(h[key]["wannier"]) for h in (f, g))
+        meta, meta0 = dict(g[key]["wannier"].attrs), dict(f[key]["wannier"].attrs)
+        ref = g[key]["wannier_gpaw_bands"][()]
+        kpts = g[key]["path_kpts"][()]
+        assert np.array_equal(g[key]["forces"][()], f[key]["forces"][()])
+    assert 0 < cut.nnz < full.nnz
+    r0 = np.flatnonzero((cut.R == 0).all(axis=1))[0]
+    diag = (cut.r_index == r0) & (cut.rows == cut.cols)
+    assert np.abs(cut.h[~diag]).min() >= 0.005 and diag.sum() == cut.norb
+    assert meta["h_threshold"] == 0.005 and meta["cut_from_h_threshold"] == meta0["h_threshold"]
+    err = np.abs(cut.eigenvalues(kpts) - ref).max()
+    assert meta["band_error_max"] == pytest.approx(err, abs=1e-6)
+    assert meta["band_error_max"] > meta0["band_error_max"]  # a coarser H is less exact
+    assert (tmp_path / "cut.h5").stat().st_size < (tmp_path / "full.h5").stat().st_size
 
 
 def test_bilayer_training_set():

@@ -168,11 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("source")
     p.add_argument("keys", nargs="+")
     p.add_argument("--out", required=True)
+    p.add_argument("--h-threshold", type=float, default=None,
+                   help="also drop Wannier |H| below this (eV) (smaller fixtures)")
     args = parser.parse_args(argv)
     if args.cmd == "extract":
         from .summary import extract
 
-        extract(args.source, args.keys, args.out)
+        extract(args.source, args.keys, args.out, h_threshold=args.h_threshold)
         return 0
     if args.cmd == "repack":
         from ..core.io import repack_hdf5

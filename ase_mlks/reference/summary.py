@@ -8,11 +8,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-__all__ = ["summarize", "print_summary", "extract"]
+__all__ = ["summarize", "print_summary", "extract", "cut_wannier"]
 
 
-def extract(source: str | Path, keys, out: str | Path) -> None:
-    """Copy complete records ``keys`` of ``source`` into ``out`` (written atomically)."""
+def extract(source: str | Path, keys, out: str | Path, h_threshold: float | None = None
+            ) -> None:
+    """Copy complete records ``keys`` of ``source`` into ``out`` (written atomically).
+
+    h_threshold: also drop Wannier H(R) elements below this (eV; on-site diagonal kept) —
+    smaller fixtures; the stored band errors are recomputed for the cut H.
+    """
     import shutil
 
     from ..core.io import atomic_path
@@ -28,6 +33,46 @@ def extract(source: str | Path, keys, out: str | Path) -> None:
                 if key in dst:
                     del dst[key]
                 src.copy(src[key], dst, name=key)
+                if h_threshold is not None and "wannier" in dst[key]:
+                    cut_wannier(dst[key], h_threshold)
+    if h_threshold is not None:
+        from ..core.io import repack_hdf5
+
+        repack_hdf5(out)  # the replaced H(R) arrays leave free space behind
+
+
+def cut_wannier(record: h5py.Group, threshold: float) -> None:
+    """Drop |H| < ``threshold`` (eV) from a record's Wannier H(R) in place and recompute its
+    band errors against the stored GPAW manifold bands (max / rms over the path, VBM, CBM)."""
+    from ..core.hamiltonian import TBHamiltonian
+
+    grp = record["wannier"]
+    old = float(grp.attrs.get("h_threshold", 0.0))
+    if threshold <= old:
+        return
+    tb = TBHamiltonian.from_hdf5(grp)
+    attrs = {k: v for k, v in grp.attrs.items()
+             if k not in ("labels", "norb", "format", "nelectrons")}
+    r0 = int(np.flatnonzero((tb.R == 0).all(axis=1))[0])
+    keep = (np.abs(tb.h) >= threshold) | ((tb.r_index == r0) & (tb.rows == tb.cols))
+    cut = TBHamiltonian(tb.cell, tb.norb, tb.R, tb.r_index[keep], tb.rows[keep],
+                        tb.cols[keep], tb.h[keep], orbital_atoms=tb.orbital_atoms,
+                        nelectrons=tb.nelectrons, pbc=tb.pbc, labels=tb.labels)
+    del record["wannier"]
+    grp = record.create_group("wannier")
+    cut.to_hdf5(grp)
+    attrs.update(h_threshold=threshold, cut_from_h_threshold=old)
+    if "path_kpts" in record and "wannier_gpaw_bands" in record and tb.nelectrons:
+        ref = record["wannier_gpaw_bands"][()]
+        eps = cut.eigenvalues(record["path_kpts"][()])
+        nocc = int(round(tb.nelectrons / 2))
+        err = np.abs(eps - ref)
+        attrs.update(band_error_max=float(err.max()),
+                     band_error_rms=float(np.sqrt((err**2).mean())),
+                     band_error_vbm=float(abs(eps[:, :nocc].max() - ref[:, :nocc].max())),
+                     band_error_cbm=float(abs(eps[:, nocc:].min() - ref[:, nocc:].min())))
+    for k, v in attrs.items():
+        grp.attrs[k] = v
 
 
 def summarize(path: str | Path) -> dict:
