@@ -135,6 +135,7 @@ def heldout(calc, data: Path, out: Path, unseen: list[Path] | None = None,
         ds = DPWannierData(data, keys, model)
         names = keys
     e_ref, e_pred, f_ref, f_pred, h_ref, h_pred, nat = [], [], [], [], [], [], []
+    hop_ref, hop_pred, hop_r, hop_inter = [], [], [], []
     groups: dict[str, dict[str, list]] = {}
     for n in range(len(ds)):
         s = ds[n]
@@ -153,6 +154,13 @@ def heldout(calc, data: Path, out: Path, unseen: list[Path] | None = None,
             on_m, hop_m = element_masks(model, s)
             h_ref += [s.onsite[on_m].numpy(), s.hop[hop_m].numpy()]
             h_pred += [o["onsite"].detach()[on_m].numpy(), o["hop"].detach()[hop_m].numpy()]
+            r = model._vectors(g.positions, g.cell, g.batch, g.h_i, g.h_j, g.h_shift).norm(dim=1)
+            inter = g.layer[g.h_i] != g.layer[g.h_j]
+            shape = s.hop.shape
+            hop_ref.append(s.hop[hop_m].numpy())
+            hop_pred.append(o["hop"].detach()[hop_m].numpy())
+            hop_r.append(r[:, None, None].expand(shape)[hop_m].numpy())
+            hop_inter.append(inter[:, None, None].expand(shape)[hop_m].numpy())
     nat = np.array(nat, float)
     e_ref, e_pred = np.array(e_ref) / nat, np.array(e_pred) / nat
     f_ref, f_pred = np.concatenate(f_ref), np.concatenate(f_pred)
@@ -172,7 +180,31 @@ def heldout(calc, data: Path, out: Path, unseen: list[Path] | None = None,
         res["h_mae_meV"] = 1e3 * float(np.mean(np.abs(hr[big] - hp[big])))
         res["h_elements"] = int(big.sum())
         _parity(hr[big], hp[big], "H elements", "eV", out / "dpwannier_parity_h.png")
+        res["h_shells"] = _shell_table(*(np.concatenate(x) for x in
+                                         (hop_ref, hop_pred, hop_r, hop_inter)))
     return res
+
+
+SHELLS = (0.0, 2.6, 3.5, 4.5, 6.0, 9.0)  # Å: Mo-S, Mo-Mo/S-S, 2nd, 3rd neighbours, tails
+
+
+def _shell_table(ref, pred, r, inter) -> list[dict]:
+    """Hopping errors per pair-distance shell and intra/inter-layer (|H| > 1 meV): MAE, mean
+    |H| and the least-squares slope of predicted on reference (1 = right size; < 1 =
+    shrunk towards zero, which narrows the bands)."""
+    from ase_mlks.dpwannier.trainer import H_THRESHOLD
+
+    rows = []
+    for lo, hi in zip(SHELLS[:-1], SHELLS[1:]):
+        for is_inter in (False, True):
+            m = (r >= lo) & (r < hi) & (inter == is_inter) & (np.abs(ref) > H_THRESHOLD)
+            if m.sum() < 10:
+                continue
+            rows.append({"shell_A": [lo, hi], "pairs": "inter" if is_inter else "intra",
+                         "n": int(m.sum()), "mean_abs_ref_meV": 1e3 * float(np.abs(ref[m]).mean()),
+                         "mae_meV": 1e3 * float(np.abs(pred[m] - ref[m]).mean()),
+                         "slope": float((pred[m] * ref[m]).sum() / (ref[m] ** 2).sum())})
+    return rows
 
 
 # -- 2. unseen twisted bilayers -----------------------------------------------------------------
@@ -490,6 +522,10 @@ def _table(res: dict) -> str:
                 lines.append(f"  {name} ({h[f'{name}_n']}): E "
                              f"{h[f'{name}_energy_mae_meV_atom']:.2f} meV/atom | F "
                              f"{h[f'{name}_force_mae_meV_A']:.1f} meV/Å")
+    for r in h.get("h_shells", []):
+        lines.append(f"  H {r['pairs']} {r['shell_A'][0]:.1f}-{r['shell_A'][1]:.1f} Å: mean |H| "
+                     f"{r['mean_abs_ref_meV']:.1f} meV, MAE {r['mae_meV']:.1f} meV, slope "
+                     f"{r['slope']:.2f}")
     for r in res.get("twisted", []):
         lines.append(f"{r['key']} ({r['natoms']} at.): bands MAE "
                      f"{r.get('band_mae_meV', float('nan')):.0f} meV, gap error "

@@ -113,6 +113,32 @@ def test_lbfgs_stage_and_new_heads_on_a_trained_force_field(trained, tmp_path):
                          init_model=trained["path"])
 
 
+def test_shell_normalized_element_loss(dataset):
+    """Per-shell normalized element loss: 0 for the teacher that made the data; exactly 1
+    (1 - R² = 1 in every on-site and distance/layer group) for heads that predict nothing
+    beyond the mean on-site levels."""
+    from ase_mlks.dpwannier.data import DPWannierData
+    from ase_mlks.dpwannier.trainer import hamiltonian_loss
+
+    teacher = _teacher()
+    with StructureDataset(dataset, "r") as ds:
+        keys = ds.keys()[:2]
+    sample = DPWannierData(dataset, keys, teacher)[0]
+    shells = (2.6, 3.5, 4.5, 6.0)
+    exact, _ = hamiltonian_loss(teacher, sample, w_bands=0.0, shells=shells)
+    assert float(exact.detach()) < 1e-6
+    blank = _teacher()
+    with torch.no_grad():
+        for head in blank.heads.values():
+            head[-1].weight.zero_()
+            head[-1].bias.zero_()
+    nothing, _ = hamiltonian_loss(blank, sample, w_bands=0.0, shells=shells)
+    assert float(nothing.detach()) == pytest.approx(1.0, abs=1e-3)
+    plain, _ = hamiltonian_loss(blank, sample, w_bands=0.0)
+    # a different objective from the plain MSE
+    assert float(plain.detach()) != pytest.approx(float(nothing.detach()), abs=1e-3)
+
+
 def test_fine_tuning_on_compressed_cells_widens_the_accepted_range(trained, tmp_path):
     """New data that come closer than the old model's (strained cells) lower min_distance;
     the calculator then accepts them instead of refusing its own training structures."""

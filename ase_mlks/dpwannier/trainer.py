@@ -98,12 +98,41 @@ def element_masks(model: DPWannierModel, batch: Sample) -> tuple[torch.Tensor, t
     return on, hop
 
 
+def shell_normalized_mse(inner, g, batch: Sample, out: dict, on_m, hop_m,
+                         shells: Sequence[float]) -> torch.Tensor:
+    """Mean over element groups of MSE / mean square of the target (1 − R² per group).
+
+    Groups: the on-site deviations from the mean levels, and the hoppings split by pair
+    distance at ``shells`` (Å) and by intra/inter-layer. A plain MSE is dominated by the
+    first neighbours (|H| ~ 0.5 eV); the ~100 small hoppings per atom beyond them (5–70 meV)
+    then barely move the optimizer, are fitted at a third of their size, and their
+    coherent sum in the Bloch sums narrows the bands (docs/dpwannier.md, session 9).
+    """
+    dtype = out["hop"].dtype
+    eye = torch.diag_embed(inner.onsite_bias[g.species].to(dtype))
+    t_on = (batch.onsite.to(dtype) - eye)[on_m]
+    d_on = (out["onsite"] - batch.onsite.to(dtype))[on_m]
+    terms = [(d_on**2).mean() / ((t_on**2).mean() + 1e-6)]
+    r = inner._vectors(g.positions, g.cell, g.batch, g.h_i, g.h_j, g.h_shift).norm(dim=1)
+    shell = torch.bucketize(r, torch.as_tensor(list(shells), dtype=r.dtype))
+    group = 2 * shell + (g.layer[g.h_i] != g.layer[g.h_j]).long()
+    group = group[:, None, None].expand_as(out["hop"])[hop_m]
+    t_hop = batch.hop.to(dtype)[hop_m]
+    d_hop = out["hop"][hop_m] - t_hop
+    for k in torch.unique(group).tolist():
+        m = group == k
+        terms.append((d_hop[m]**2).mean() / ((t_hop[m]**2).mean() + 1e-6))
+    return torch.stack(terms).mean()
+
+
 def hamiltonian_loss(model, batch: Sample, w_onsite: float = 1.0, w_elements: float = 1.0,
-                     w_bands: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+                     w_bands: float = 1.0, shells: Sequence[float] | None = None
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
     """Stage-2 loss: MSE over the reference H elements inside the cutoff (``w_elements``)
     plus MSE of the model's band energies vs the DFT bands at the SCF k-points
-    (``w_bands``; occupied manifold + lowest conduction bands). Metrics: H MAE (meV) over
-    |H| > 1 meV elements, band MAE (meV)."""
+    (``w_bands``; occupied manifold + lowest conduction bands). With ``shells`` (Å) the
+    element term is :func:`shell_normalized_mse` instead of one MSE. Metrics: H MAE (meV)
+    over |H| > 1 meV elements, band MAE (meV)."""
     dtype = _dtype(model)
     g = batch.graph.to(dtype)
     out = model(g, forces=False, hamiltonian=True)
@@ -112,7 +141,10 @@ def hamiltonian_loss(model, batch: Sample, w_onsite: float = 1.0, w_elements: fl
     d_on = (out["onsite"] - batch.onsite.to(dtype))[on_m]
     t_hop = batch.hop.to(dtype)[hop_m]
     d_hop = out["hop"][hop_m] - t_hop
-    loss = w_elements * (w_onsite * (d_on**2).mean() + (d_hop**2).mean())
+    if shells:
+        loss = w_elements * shell_normalized_mse(inner, g, batch, out, on_m, hop_m, shells)
+    else:
+        loss = w_elements * (w_onsite * (d_on**2).mean() + (d_hop**2).mean())
     big = t_hop.abs() > H_THRESHOLD
     d_all = torch.cat([d_on, d_hop[big]])
     metrics = {"h_mae_meV": 1e3 * float(d_all.detach().abs().mean()),
@@ -427,6 +459,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="stage-2 optimizer")
     p.add_argument("--w-bands", type=float, default=1.0,
                    help="stage-2 weight of the band-energy MSE (eV²)")
+    p.add_argument("--shells", type=float, nargs="*", default=None,
+                   help="stage 2: normalize the element loss per pair-distance shell with "
+                        "these edges (Å), e.g. 2.6 3.5 4.5 6 (default: one plain MSE)")
     p.add_argument("--w-elements", type=float, default=1.0,
                    help="stage-2 weight of the H-element MSE (eV²)")
     p.add_argument("--lr-patience", type=int, default=8, help="epochs before LR halves")
@@ -468,7 +503,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.stage in ("2", "all"):
         tr.stage2(args.epochs2, args.lr2, args.batch_size, lr_patience=args.lr_patience,
                   patience=args.patience, optimizer=args.optimizer2,
-                  loss_weights={"w_bands": args.w_bands, "w_elements": args.w_elements})
+                  loss_weights={"w_bands": args.w_bands, "w_elements": args.w_elements,
+                                "shells": args.shells})
         info = tr.finish(args.output)
         print(json.dumps({k: v for k, v in info.items() if k != "val_keys"}, indent=1))
 
