@@ -104,7 +104,7 @@ def heldout(calc, data: Path, out: Path, unseen: list[Path] | None = None,
     import torch
 
     from ase_mlks.dpwannier.data import DPWannierData
-    from ase_mlks.dpwannier.trainer import H_THRESHOLD, element_masks
+    from ase_mlks.dpwannier.trainer import H_THRESHOLD, element_masks, hop_geometry
 
     model = calc.model
     extra = _extra(model)
@@ -154,8 +154,7 @@ def heldout(calc, data: Path, out: Path, unseen: list[Path] | None = None,
             on_m, hop_m = element_masks(model, s)
             h_ref += [s.onsite[on_m].numpy(), s.hop[hop_m].numpy()]
             h_pred += [o["onsite"].detach()[on_m].numpy(), o["hop"].detach()[hop_m].numpy()]
-            r = model._vectors(g.positions, g.cell, g.batch, g.h_i, g.h_j, g.h_shift).norm(dim=1)
-            inter = g.layer[g.h_i] != g.layer[g.h_j]
+            r, inter = hop_geometry(model, g)
             shape = s.hop.shape
             hop_ref.append(s.hop[hop_m].numpy())
             hop_pred.append(o["hop"].detach()[hop_m].numpy())

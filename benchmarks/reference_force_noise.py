@@ -50,8 +50,8 @@ def rerun(path: Path, key: str, shift: np.ndarray, tight: bool, txtdir: Path) ->
 
     with StructureDataset(path, "r") as ds:
         rec = ds.read(key)
-    settings = LCAOSettings(**json.loads(rec["attrs"]["settings"]))
-    settings = replace(settings, kpts=tuple(settings.kpts))
+    stored = json.loads(rec["attrs"]["settings"])
+    settings = LCAOSettings(**stored).with_kpts(stored["kpts"])  # JSON gave a list
     f_ref = np.asarray(rec["forces"], float)
     variants = {"translated": (settings, shift)}
     if tight:

@@ -98,7 +98,13 @@ def element_masks(model: DPWannierModel, batch: Sample) -> tuple[torch.Tensor, t
     return on, hop
 
 
-def shell_normalized_mse(inner, g, batch: Sample, out: dict, on_m, hop_m,
+def hop_geometry(model: DPWannierModel, g) -> tuple[torch.Tensor, torch.Tensor]:
+    """Length (Å) and inter-layer flag of every hopping edge of graph ``g``: (H,), (H,)."""
+    r = model._vectors(g.positions, g.cell, g.batch, g.h_i, g.h_j, g.h_shift).norm(dim=1)
+    return r, g.layer[g.h_i] != g.layer[g.h_j]
+
+
+def shell_normalized_mse(inner, g, batch: Sample, on_m, hop_m, d_on, t_hop, d_hop,
                          shells: Sequence[float]) -> torch.Tensor:
     """Mean over element groups of MSE / mean square of the target (1 − R² per group).
 
@@ -107,18 +113,16 @@ def shell_normalized_mse(inner, g, batch: Sample, out: dict, on_m, hop_m,
     first neighbours (|H| ~ 0.5 eV); the ~100 small hoppings per atom beyond them (5–70 meV)
     then barely move the optimizer, are fitted at a third of their size, and their
     coherent sum in the Bloch sums narrows the bands (docs/dpwannier.md, session 9).
+    ``d_on`` / ``t_hop``, ``d_hop``: on-site residuals and hopping targets / residuals (eV) of
+    the elements selected by the masks ``on_m`` / ``hop_m``, as :func:`hamiltonian_loss` has them.
     """
-    dtype = out["hop"].dtype
+    dtype = d_hop.dtype
     eye = torch.diag_embed(inner.onsite_bias[g.species].to(dtype))
     t_on = (batch.onsite.to(dtype) - eye)[on_m]
-    d_on = (out["onsite"] - batch.onsite.to(dtype))[on_m]
     terms = [(d_on**2).mean() / ((t_on**2).mean() + 1e-6)]
-    r = inner._vectors(g.positions, g.cell, g.batch, g.h_i, g.h_j, g.h_shift).norm(dim=1)
+    r, inter = hop_geometry(inner, g)
     shell = torch.bucketize(r, torch.as_tensor(list(shells), dtype=r.dtype))
-    group = 2 * shell + (g.layer[g.h_i] != g.layer[g.h_j]).long()
-    group = group[:, None, None].expand_as(out["hop"])[hop_m]
-    t_hop = batch.hop.to(dtype)[hop_m]
-    d_hop = out["hop"][hop_m] - t_hop
+    group = (2 * shell + inter.long())[:, None, None].expand(hop_m.shape)[hop_m]
     for k in torch.unique(group).tolist():
         m = group == k
         terms.append((d_hop[m]**2).mean() / ((t_hop[m]**2).mean() + 1e-6))
@@ -142,7 +146,8 @@ def hamiltonian_loss(model, batch: Sample, w_onsite: float = 1.0, w_elements: fl
     t_hop = batch.hop.to(dtype)[hop_m]
     d_hop = out["hop"][hop_m] - t_hop
     if shells:
-        loss = w_elements * shell_normalized_mse(inner, g, batch, out, on_m, hop_m, shells)
+        loss = w_elements * shell_normalized_mse(inner, g, batch, on_m, hop_m, d_on, t_hop,
+                                                 d_hop, shells)
     else:
         loss = w_elements * (w_onsite * (d_on**2).mean() + (d_hop**2).mean())
     big = t_hop.abs() > H_THRESHOLD
