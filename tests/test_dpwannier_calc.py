@@ -301,3 +301,23 @@ def test_shipped_model_relaxes_the_twisted_cell_like_gpaw():
     d = atoms.positions - gpaw.positions
     d -= d.mean(axis=0)
     assert np.sqrt((d ** 2).sum(axis=1).mean()) < 0.06
+
+
+def test_shipped_model_bands_of_the_unseen_twisted_cell():
+    """Band edges (4 valence + 4 conduction bands on Γ-M-K-Γ) of the unseen 21.79 degree cell
+    (42 atoms) vs GPAW's. Measured (session 10, bond-product heads): MAE 69 meV, gap error
+    +64 meV; every earlier model missed by 225-281 meV (session 9: 225 meV, gap +86 meV), so
+    the 120 meV bound catches a return to the proper-tensor-only blocks."""
+    from pathlib import Path
+
+    with StructureDataset(Path(__file__).parent / "data" / "mos2_twisted_1_2.h5", "r") as ds:
+        rec = ds.read("twisted_MoS2_1_2")
+    calc = DPWannierCalc(model="mos2-bilayer")
+    ham = calc.get_hamiltonian(rec["atoms"])
+    ref = rec["gpaw_bands"]
+    nv = ref.shape[1] // 2
+    nocc = int(round(ham.nelectrons / 2))
+    mine = ham.eigenvalues(rec["path_kpts"])[:, nocc - nv:nocc - nv + ref.shape[1]]
+    assert np.abs(mine - ref).mean() < 0.12
+    gap = mine[:, nv:].min() - mine[:, :nv].max()
+    assert abs(gap - (ref[:, nv:].min() - ref[:, :nv].max())) < 0.15

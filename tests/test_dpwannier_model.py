@@ -16,12 +16,13 @@ from ase_mlks.structures import bilayer_configuration, monolayer
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "bond-invariants"])
+@pytest.fixture(scope="module", params=[(False, False), (True, False), (True, True)],
+                ids=["plain", "bond-invariants", "bond-products"])
 def model(request) -> DPWannierModel:
     torch.manual_seed(0)
     m = DPWannierModel(embed=(8, 16), axis=4, fit=(16, 8), h_cutoff=8.0, env_channels=2,
                        n_radial=8, intra_hidden=(16,), inter_hidden=(8,), onsite_hidden=(16,),
-                       bond_invariants=request.param)
+                       bond_invariants=request.param[0], bond_products=request.param[1])
     m = m.double()
     # Non-trivial scales so every term contributes at the eV level.
     m.e_scale.fill_(3.0)
@@ -95,14 +96,18 @@ def _block_map(g):
             for e, (i, j, ss) in enumerate(zip(g.h_i.numpy(), g.h_j.numpy(), s))}
 
 
-@pytest.mark.parametrize("kind", ["z-rotation", "general-rotation"])
+@pytest.mark.parametrize("kind", ["z-rotation", "general-rotation", "mirror"])
 def test_e3_equivariance(model, atoms, kind):
+    """Energies invariant, forces and H blocks covariant under rotations and a reflection
+    (O(3): the pseudo-tensor parts of the blocks must flip sign under the mirror)."""
     rng = np.random.default_rng(7)
     if kind == "z-rotation":
         rot = Rotation.from_euler("z", 37.0, degrees=True).as_matrix()
         layers = None  # automatic layer detection must agree after an in-plane rotation
     else:
         rot = Rotation.random(random_state=11).as_matrix()
+        if kind == "mirror":
+            rot = rot @ np.diag([1.0, -1.0, 1.0])
         from ase_mlks.core.graph import assign_layers
         layers = [assign_layers(atoms)]
     b = _transform(atoms, rot, rng.normal(size=3) * 3.0)
@@ -197,3 +202,67 @@ def test_vacuum_alignment_shifts_only_its_layer_diagonal(model, atoms):
         k = model.norb[s]
         assert np.allclose(diff[a, :k, :k], shift[a] * np.eye(k), atol=1e-12)
     assert torch.allclose(out["hop"], base["hop"])
+
+
+def _best_fit_residual(model: DPWannierModel, sample, r_max: float) -> float:
+    """Mean |H_ref - best H| (eV) over intra-layer blocks closer than r_max, where 'best' is
+    the least-squares fit of each block by the model's block basis (any coefficients)."""
+    from e3nn import o3
+
+    g = sample.graph.to(torch.float64)
+    vec_ff = model._vectors(g.positions, g.cell, g.batch, g.ff_i, g.ff_j, g.ff_shift)
+    env = model.env_tensors(g, vec_ff)
+    vec = model._vectors(g.positions, g.cell, g.batch, g.h_i, g.h_j, g.h_shift)
+    ys = [o3.spherical_harmonics(big_l, vec, normalize=True)[:, None, :]
+          for big_l in range(model.lmax_feat + 1)]
+    same = g.layer[g.h_i] == g.layer[g.h_j]
+    errors = []
+    for e in ((vec.norm(dim=1) < r_max) & same).nonzero()[:, 0]:
+        m = e.reshape(1)
+        a, b = int(g.species[g.h_i[e]]), int(g.species[g.h_j[e]])
+        feats = {(big_l, False): torch.cat([y[m], t[g.h_i[m]], t[g.h_j[m]]], dim=1)
+                 for big_l, (y, t) in enumerate(zip(ys, env))}
+        if model.bond_products:
+            feats = model._with_bond_products(feats, ys, env, g.h_i[m], g.h_j[m], m)
+        n = model._ncoef("intra", a, b)
+        # blocks are linear in the coefficients: unit coefficient vectors give the basis
+        basis = model._blocks("intra", a, b, torch.eye(n, dtype=torch.float64),
+                              {k: v.expand(n, -1, -1) for k, v in feats.items()})
+        basis = basis[:, :model.norb[a], :model.norb[b]].reshape(n, -1).detach().numpy().T
+        target = sample.hop[e, :model.norb[a], :model.norb[b]].reshape(-1).numpy()
+        x, *_ = np.linalg.lstsq(basis, target, rcond=1e-10)
+        errors.append(np.abs(basis @ x - target).mean())
+    return float(np.mean(errors))
+
+
+def test_bond_products_span_crystal_wannier_blocks():
+    """The ideal monolayer's GPAW Wannier blocks (Mo-S, Mo-Mo, S-S up to 3.5 Å) carry
+    pseudo-tensor parts: two-centre + site-tensor features cannot fit them whatever the
+    coefficients; with the bond products (incl. the axial couplings) they fit exactly."""
+    from pathlib import Path
+
+    from ase_mlks.dpwannier.data import DPWannierData
+
+    path = Path(__file__).parent / "data" / "mos2_monolayer.h5"
+    residual = {}
+    for products in (False, True):
+        torch.manual_seed(0)
+        m = DPWannierModel(h_cutoff=8.0, bond_invariants=True, bond_products=products).double()
+        sample = DPWannierData(path, ["monolayer_MoS2"], m)[0]
+        residual[products] = _best_fit_residual(m, sample, 3.5)
+    assert residual[False] > 0.02, residual  # eV: the proper-only form misses by tens of meV
+    assert residual[True] < 1e-3, residual
+
+
+def test_grow_from_adds_bond_products_without_changing_the_model(model, atoms):
+    """A trained model grown into the bond-product layout predicts exactly what it did (the
+    new coefficient rows start at zero), so a fit can start from the trained heads."""
+    if model.bond_products:
+        pytest.skip("grows from a model without products")
+    grown = DPWannierModel(**{**model.hparams, "bond_products": True}).double()
+    grown.grow_from(model)
+    _, before = run(model, atoms, hamiltonian=True)
+    _, after = run(grown, atoms, hamiltonian=True)
+    for key in ("energy", "forces", "onsite", "hop"):
+        assert torch.allclose(before[key], after[key], atol=1e-10), key
+    assert grown._ncoef("intra", 0, 1) > model._ncoef("intra", 0, 1)

@@ -91,12 +91,16 @@ def e3nn_to_ours(l: int) -> np.ndarray:
 
 
 def wigner_D(l: int, rotation: np.ndarray) -> np.ndarray:
-    """Wigner-D matrix (2l+1, 2l+1) of a proper rotation in this module's real-SH order.
+    """Wigner-D matrix (2l+1, 2l+1) of an orthogonal 3x3 matrix in this module's real-SH order.
 
-    ``Y_l(R r) = wigner_D(l, R) @ Y_l(r)``; ``rotation`` is a 3x3 matrix acting on column
-    vectors (Cartesian, proper, det = +1).
+    ``Y_l(R r) = wigner_D(l, R) @ Y_l(r)``; ``rotation`` acts on column vectors. Improper
+    ones (det = -1: mirrors, inversion) are the inversion times a rotation; orbitals of
+    angular momentum l have parity (-1)^l.
     """
-    r = torch.as_tensor(np.asarray(rotation), dtype=torch.float64)
+    rotation = np.asarray(rotation, dtype=float)
+    if np.linalg.det(rotation) < 0:
+        return (-1) ** l * wigner_D(l, -rotation)
+    r = torch.as_tensor(rotation, dtype=torch.float64)
     # e3nn builds D from generators in the default dtype: force float64 for 1e-12 accuracy.
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)

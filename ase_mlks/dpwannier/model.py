@@ -135,7 +135,7 @@ class DPWannierModel(nn.Module, CheckpointMixin):
                  env_norm: float = 100.0, manifold_electrons: dict[str, float] | None = None,
                  core_bands: dict[str, int] | None = None,
                  fit_conduction_bands: dict[str, int] | None = None,
-                 bond_invariants: bool = False):
+                 bond_invariants: bool = False, bond_products: bool = False):
         super().__init__()
         orbitals = dict(orbitals or {"Mo": "4d", "S": "3p"})
         self.hparams = dict(
@@ -145,7 +145,7 @@ class DPWannierModel(nn.Module, CheckpointMixin):
             inter_hidden=list(inter_hidden), onsite_hidden=list(onsite_hidden),
             areal_density=areal_density, min_distance=min_distance,
             alignment_degree=alignment_degree, env_norm=env_norm,
-            bond_invariants=bond_invariants,
+            bond_invariants=bond_invariants, bond_products=bond_products,
             manifold_electrons=dict(manifold_electrons or {"Mo": 2.0, "S": 6.0}),
             core_bands=dict(core_bands or {"Mo": 4, "S": 1}),
             fit_conduction_bands=dict(fit_conduction_bands or {"Mo": 1, "S": 0}))
@@ -187,9 +187,10 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         self.env_weights = nn.Linear(n_radial * ns, env_channels * (self.lmax_feat + 1),
                                      bias=False)
         self.env_norm = env_norm
+        self.bond_products = bond_products
         for l1, l2 in {(a, b) for sh in self.shells for a, _ in sh
                        for sh2 in self.shells for b, _ in sh2}:
-            for big_l in self._allowed(l1, l2):
+            for big_l, _ in self._degrees(INTRA, l1, l2):
                 self.register_buffer(f"cg_{l1}_{l2}_{big_l}", o3.wigner_3j(l1, l2, big_l)
                                      * math.sqrt(2 * big_l + 1))
         for l in range(lmax + 1):
@@ -199,6 +200,16 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         # Bond-projected environment invariants Y_L(r_ij) . T^L (L >= 1, both ends): tell the
         # intra-layer coefficients how each end's neighbours sit relative to the bond.
         n_bond = 2 * env_channels * self.lmax_feat if bond_invariants else 0
+        # Bond-direction x environment products (Y_L1(r_ij) (x) T^L2 -> L, both ends). Without
+        # them an intra-layer block is c_0 Y_L(r_ij) + sum_c c_c T^L, proper tensors only: a
+        # two-centre form plus site tensors. Wannier hoppings in a crystal also have
+        # pseudo-tensor parts (e.g. L = 2 of a d-p block, odd L of d-d), which need an odd
+        # coupling such as r_ij x T^1 (measured on the ideal monolayer: best possible fit of the
+        # proper-only form misses the Mo-S / Mo-Mo nearest-neighbour blocks by 43-55 meV).
+        self.product_paths = self._product_paths() if bond_products else {}
+        self.product_columns: dict[tuple[int, int, int, bool], int] = {}
+        if bond_products:
+            self._register_product_tables()
         self.heads = nn.ModuleDict()
         for a in range(ns):
             self.heads[f"{ONSITE}_{a}"] = mlp([self.descriptor.dim, *onsite_hidden,
@@ -220,17 +231,94 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         self.alignment = VacuumAlignment(alignment_degree)
 
     # ------------------------------------------------------------------------------
-    @staticmethod
-    def _allowed(l1: int, l2: int) -> list[int]:
-        """Degrees L in l1 x l2 with parity (-1)^(l1+l2) (proper tensors only)."""
-        return [L for L in range(abs(l1 - l2), l1 + l2 + 1) if (L + l1 + l2) % 2 == 0]
+    def _degrees(self, cat: str, l1: int, l2: int) -> list[tuple[int, bool]]:
+        """Components (L, pseudo) of an l1 x l2 block the category's features can build.
 
-    def _nchan(self, cat: str) -> int:
-        return {ONSITE: 1 + self.c_env, INTRA: 1 + 2 * self.c_env, INTER: 1}[cat]
+        ``pseudo``: parity (-1)^(L+1), i.e. L + l1 + l2 odd. Only intra-layer hoppings with
+        bond products have pseudo-tensor features; every other block is proper only.
+        """
+        pseudo_ok = cat == INTRA and self.bond_products
+        return [(L, (L + l1 + l2) % 2 == 1) for L in range(abs(l1 - l2), l1 + l2 + 1)
+                if (L + l1 + l2) % 2 == 0 or pseudo_ok]
+
+    def _product_paths(self) -> dict[tuple[int, bool], list[tuple[int, int]]]:
+        """(L1, L2) -> (L, pseudo) couplings of bond harmonics with environment tensors,
+        L1, L2, L >= 1; pseudo when L1 + L2 + L is odd (an axial coupling, e.g. a cross
+        product)."""
+        top = self.lmax_feat
+        return {(big_l, pseudo): [(l1, l2) for l1 in range(1, top + 1)
+                                  for l2 in range(1, top + 1)
+                                  if abs(l1 - l2) <= big_l <= l1 + l2
+                                  and (l1 + l2 + big_l) % 2 == pseudo]
+                for big_l in range(1, top + 1) for pseudo in (False, True)}
+
+    def _register_product_tables(self) -> None:
+        """One coupling matrix per bond degree L1: ``tp_{L1}`` maps the outer product
+        Y_L1 (x) [T^1 .. T^top] (flattened) to the columns of every (L1, L2) -> L path, so
+        the products cost one matmul per L1 instead of one contraction per path."""
+        top = self.lmax_feat
+        start = {l2: sum(2 * x + 1 for x in range(1, l2)) for l2 in range(1, top + 1)}
+        width = sum(2 * x + 1 for x in range(1, top + 1))
+        for l1 in range(1, top + 1):
+            blocks, col = [], 0
+            for (big_l, pseudo), paths in self.product_paths.items():
+                for p1, l2 in paths:
+                    if p1 != l1:
+                        continue
+                    m = torch.zeros(2 * l1 + 1, width, 2 * big_l + 1)
+                    m[:, start[l2]:start[l2] + 2 * l2 + 1] = (o3.wigner_3j(l1, l2, big_l)
+                                                              * math.sqrt(2 * big_l + 1))
+                    blocks.append(m)
+                    self.product_columns[(l1, l2, big_l, pseudo)] = col
+                    col += 2 * big_l + 1
+            self.register_buffer(f"tp_{l1}", torch.cat(blocks, dim=2).reshape(-1, col))
+
+    def _nchan(self, cat: str, big_l: int, pseudo: bool = False) -> int:
+        """Feature channels of component (L, pseudo): the coefficients per (shell pair, L)."""
+        base = 0 if pseudo else {ONSITE: 1 + self.c_env, INTRA: 1 + 2 * self.c_env,
+                                 INTER: 1}[cat]
+        if cat == INTRA:
+            base += 2 * self.c_env * len(self.product_paths.get((big_l, pseudo), ()))
+        return base
+
+    def coefficient_layout(self, cat: str, a: int, b: int
+                           ) -> dict[tuple[int, int, int, bool], tuple[int, int]]:
+        """(l1, l2, L, pseudo) -> (first row, channels) of a head's output coefficients."""
+        out, k = {}, 0
+        for l1, _ in self.shells[a]:
+            for l2, _ in self.shells[b]:
+                for big_l, pseudo in self._degrees(cat, l1, l2):
+                    n = self._nchan(cat, big_l, pseudo)
+                    out[(l1, l2, big_l, pseudo)] = (k, n)
+                    k += n
+        return out
+
+    def grow_from(self, old: DPWannierModel) -> None:
+        """Start from ``old`` (same force field and head widths, fewer feature channels,
+        e.g. without bond products): every weight is copied; a head's new output rows
+        (the added channels) start at zero, so the model computes exactly what ``old`` did."""
+        mine = self.state_dict()
+        for key, value in old.state_dict().items():
+            if key in mine and mine[key].shape == value.shape:
+                mine[key] = value.to(mine[key].dtype)
+        for name, head in self.heads.items():
+            cat, a, *rest = name.split("_")  # onsite_{a} or {intra,inter}_{a}_{b}_{range}
+            a, b = int(a), int(rest[0]) if rest else int(a)
+            new_rows = self.coefficient_layout(cat, a, b)
+            old_last = old.heads[name][-1]
+            weight = torch.zeros_like(head[-1].weight)
+            bias = torch.zeros_like(head[-1].bias)
+            for key, (k_old, n_old) in old.coefficient_layout(cat, a, b).items():
+                k_new = new_rows[key][0]  # old channels lead each component's channel list
+                weight[k_new:k_new + n_old] = old_last.weight[k_old:k_old + n_old]
+                bias[k_new:k_new + n_old] = old_last.bias[k_old:k_old + n_old]
+            prefix = f"heads.{name}.{len(head) - 1}."
+            mine[prefix + "weight"], mine[prefix + "bias"] = weight, bias
+        self.load_state_dict(mine)
 
     def _ncoef(self, cat: str, a: int, b: int) -> int:
-        return sum(len(self._allowed(l1, l2)) * self._nchan(cat)
-                   for l1, _ in self.shells[a] for l2, _ in self.shells[b])
+        return sum(self._nchan(cat, big_l, pseudo) for l1, _ in self.shells[a]
+                   for l2, _ in self.shells[b] for big_l, pseudo in self._degrees(cat, l1, l2))
 
     # ---- force field ---------------------------------------------------------------
     def atomic_energies(self, g: DPGraph, vectors: torch.Tensor
@@ -309,22 +397,22 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         return out
 
     def _blocks(self, cat: str, a: int, b: int, coef: torch.Tensor,
-                feats: list[torch.Tensor]) -> torch.Tensor:
+                feats: dict[tuple[int, bool], torch.Tensor]) -> torch.Tensor:
         """Assemble (E, nmax, nmax) blocks (ours order) from coefficients and features.
 
-        ``feats[L]`` has shape (E, nchan, 2L+1); coefficients are consumed in the order
-        (shell pair, L, channel).
+        ``feats[(L, pseudo)]`` has shape (E, nchan, 2L+1); coefficients are consumed in the
+        order (shell pair, component, channel).
         """
-        nchan = self._nchan(cat)
         blk = coef.new_zeros((len(coef), self.nmax, self.nmax))
         k = 0
         for l1, o1 in self.shells[a]:
             for l2, o2 in self.shells[b]:
                 sub = coef.new_zeros((len(coef), 2 * l1 + 1, 2 * l2 + 1))
-                for big_l in self._allowed(l1, l2):
+                for big_l, pseudo in self._degrees(cat, l1, l2):
+                    nchan = self._nchan(cat, big_l, pseudo)
                     c = coef[:, k:k + nchan]
                     k += nchan
-                    v = torch.einsum("ec,eck->ek", c, feats[big_l])
+                    v = torch.einsum("ec,eck->ek", c, feats[(big_l, pseudo)])
                     cg = getattr(self, f"cg_{l1}_{l2}_{big_l}").to(coef.dtype)
                     sub = sub + torch.einsum("abk,ek->eab", cg, v)
                 p1 = getattr(self, f"p_{l1}").to(coef.dtype)
@@ -345,12 +433,12 @@ class DPWannierModel(nn.Module, CheckpointMixin):
             if len(m) == 0:
                 continue
             coef = self.heads[f"{ONSITE}_{a}"](x[m])
-            feats = []
+            feats = {}
             for big_l, t in enumerate(env):
                 const = t.new_zeros((len(m), 1, 2 * big_l + 1))
                 if big_l == 0:
                     const = const + 1.0
-                feats.append(torch.cat([const, t[m]], dim=1))
+                feats[(big_l, False)] = torch.cat([const, t[m]], dim=1)
             blk = self._blocks(ONSITE, a, a, coef, feats) * self.h_scale
             blk = 0.5 * (blk + blk.transpose(1, 2))
             blk = blk + torch.diag_embed(self.onsite_bias[a].to(dtype))[None]
@@ -380,11 +468,13 @@ class DPWannierModel(nn.Module, CheckpointMixin):
                 if self.bond_invariants:
                     parts += self._bond_invariants(ys, env, g.h_i[m], g.h_j[m], m)
                 inp = torch.cat(parts, dim=1)
-                feats = [torch.cat([y[m], t[g.h_i[m]], t[g.h_j[m]]], dim=1)
-                         for y, t in zip(ys, env)]
+                feats = {(big_l, False): torch.cat([y[m], t[g.h_i[m]], t[g.h_j[m]]], dim=1)
+                         for big_l, (y, t) in enumerate(zip(ys, env))}
+                if self.bond_products:
+                    feats = self._with_bond_products(feats, ys, env, g.h_i[m], g.h_j[m], m)
             else:
                 inp = rbf[m]
-                feats = [y[m] for y in ys]
+                feats = {(big_l, False): y[m] for big_l, y in enumerate(ys)}
             coef = self.heads[f"{cat}_{a}_{b}_{rng}"](inp)
             blk = self._blocks(cat, a, b, coef, feats)
             raw = raw.index_put((m,), blk * self.h_scale)
@@ -393,6 +483,31 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         hop = 0.5 * (raw + raw[g.h_rev].transpose(1, 2))
         hop = hop * smooth_switch(r, self.h_cutoff - 1.0, self.h_cutoff)[:, None, None]
         return {"onsite": onsite, "hop": hop}
+
+    def _with_bond_products(self, feats: dict[tuple[int, bool], torch.Tensor],
+                            ys: list[torch.Tensor], env: list[torch.Tensor], i: torch.Tensor,
+                            j: torch.Tensor, m: torch.Tensor
+                            ) -> dict[tuple[int, bool], torch.Tensor]:
+        """Add (Y_L1(r_ij) (x) T^L2_i)_L and (... T^L2_j)_L channels: appended to the proper
+        ``feats[(L, False)]``, and as new pseudo-tensor features ``feats[(L, True)]``."""
+        top = self.lmax_feat
+        extra: dict[tuple[int, bool], list[torch.Tensor]] = {k: [] for k in self.product_paths}
+        for end in (i, j):
+            t = torch.cat([env[l2][end] for l2 in range(1, top + 1)], dim=2)  # (E, C, width)
+            coupled = {}
+            for l1 in range(1, top + 1):
+                y = ys[l1][m][:, 0]                                            # (E, 2L1+1)
+                outer = (y[:, None, :, None] * t[:, :, None, :]).flatten(2)
+                coupled[l1] = outer @ getattr(self, f"tp_{l1}").to(t.dtype)   # (E, C, cols)
+            for (big_l, pseudo), paths in self.product_paths.items():
+                for l1, l2 in paths:
+                    c0 = self.product_columns[(l1, l2, big_l, pseudo)]
+                    extra[(big_l, pseudo)].append(coupled[l1][:, :, c0:c0 + 2 * big_l + 1])
+        out = dict(feats)
+        for key, parts in extra.items():
+            out[key] = torch.cat([feats[key], *parts], dim=1) if key in feats else \
+                torch.cat(parts, dim=1)
+        return out
 
     def _bond_invariants(self, ys: list[torch.Tensor], env: list[torch.Tensor],
                          i: torch.Tensor, j: torch.Tensor, m: torch.Tensor

@@ -333,8 +333,17 @@ class DPWannierTrainer:
     def _load_model(self, path: str | os.PathLike) -> None:
         """Start from the complete state of the model saved at ``path``."""
         ck = load_checkpoint(path)
+        grows = (self.model.hparams.get("bond_products")
+                 and not ck["hparams"].get("bond_products")
+                 and all(ck["hparams"].get(k) == v for k, v in self.model.hparams.items()
+                         if k not in ("bond_products", *DATA_HPARAMS)))
         try:
-            self.model.load_state_dict(ck["state_dict"])
+            if grows:  # add bond products to a trained model: new channels start at zero
+                old = DPWannierModel(**ck["hparams"])
+                old.load_state_dict(ck["state_dict"])
+                self.model.grow_from(old)
+            else:
+                self.model.load_state_dict(ck["state_dict"])
         except RuntimeError as err:
             raise CheckpointError(f"{path} does not fit the model built from model_kwargs: "
                                   f"{str(err).splitlines()[0]}") from err
