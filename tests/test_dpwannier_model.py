@@ -16,13 +16,15 @@ from ase_mlks.structures import bilayer_configuration, monolayer
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=[(False, False), (True, False), (True, True)],
-                ids=["plain", "bond-invariants", "bond-products"])
+@pytest.fixture(scope="module", params=[(False, False, False), (True, False, False),
+                                        (True, True, False), (True, True, True)],
+                ids=["plain", "bond-invariants", "bond-products", "interlayer-environment"])
 def model(request) -> DPWannierModel:
     torch.manual_seed(0)
     m = DPWannierModel(embed=(8, 16), axis=4, fit=(16, 8), h_cutoff=8.0, env_channels=2,
                        n_radial=8, intra_hidden=(16,), inter_hidden=(8,), onsite_hidden=(16,),
-                       bond_invariants=request.param[0], bond_products=request.param[1])
+                       bond_invariants=request.param[0], bond_products=request.param[1],
+                       interlayer_environment=request.param[2])
     m = m.double()
     # Non-trivial scales so every term contributes at the eV level.
     m.e_scale.fill_(3.0)
@@ -254,15 +256,22 @@ def test_bond_products_span_crystal_wannier_blocks():
     assert residual[True] < 1e-3, residual
 
 
-def test_grow_from_adds_bond_products_without_changing_the_model(model, atoms):
-    """A trained model grown into the bond-product layout predicts exactly what it did (the
-    new coefficient rows start at zero), so a fit can start from the trained heads."""
-    if model.bond_products:
-        pytest.skip("grows from a model without products")
-    grown = DPWannierModel(**{**model.hparams, "bond_products": True}).double()
+@pytest.mark.parametrize("options", [{"bond_products": True},
+                                     {"bond_products": True, "interlayer_environment": True}])
+def test_grow_from_richer_heads_without_changing_the_model(model, atoms, options):
+    """A trained model grown into richer heads (bond products; inter-layer heads that see the
+    environment) predicts exactly what it did (new input columns and coefficient rows start
+    at zero), so a fit can start from the trained heads."""
+    new = {k for k, v in options.items() if model.hparams[k] != v}
+    if not new:
+        pytest.skip("the model has these options already")
+    grown = DPWannierModel(**{**model.hparams, **options}).double()
     grown.grow_from(model)
     _, before = run(model, atoms, hamiltonian=True)
     _, after = run(grown, atoms, hamiltonian=True)
     for key in ("energy", "forces", "onsite", "hop"):
         assert torch.allclose(before[key], after[key], atol=1e-10), key
-    assert grown._ncoef("intra", 0, 1) > model._ncoef("intra", 0, 1)
+    if "bond_products" in new:
+        assert grown._ncoef("intra", 0, 1) > model._ncoef("intra", 0, 1)
+    if "interlayer_environment" in new:
+        assert grown._ncoef("inter", 0, 1) > model._ncoef("inter", 0, 1)

@@ -135,7 +135,8 @@ class DPWannierModel(nn.Module, CheckpointMixin):
                  env_norm: float = 100.0, manifold_electrons: dict[str, float] | None = None,
                  core_bands: dict[str, int] | None = None,
                  fit_conduction_bands: dict[str, int] | None = None,
-                 bond_invariants: bool = False, bond_products: bool = False):
+                 bond_invariants: bool = False, bond_products: bool = False,
+                 interlayer_environment: bool = False):
         super().__init__()
         orbitals = dict(orbitals or {"Mo": "4d", "S": "3p"})
         self.hparams = dict(
@@ -146,6 +147,7 @@ class DPWannierModel(nn.Module, CheckpointMixin):
             areal_density=areal_density, min_distance=min_distance,
             alignment_degree=alignment_degree, env_norm=env_norm,
             bond_invariants=bond_invariants, bond_products=bond_products,
+            interlayer_environment=interlayer_environment,
             manifold_electrons=dict(manifold_electrons or {"Mo": 2.0, "S": 6.0}),
             core_bands=dict(core_bands or {"Mo": 4, "S": 1}),
             fit_conduction_bands=dict(fit_conduction_bands or {"Mo": 1, "S": 0}))
@@ -188,6 +190,11 @@ class DPWannierModel(nn.Module, CheckpointMixin):
                                      bias=False)
         self.env_norm = env_norm
         self.bond_products = bond_products
+        # Inter-layer hoppings as the paper has them: a function of the relative position only
+        # (two-centre). With ``interlayer_environment`` they see both atoms' environments like
+        # the intra-layer ones (RAERs, environment tensors, bond products): the Löwdin tails
+        # of Wannier functions make inter-layer blocks depend on the neighbourhoods too.
+        self.interlayer_environment = interlayer_environment
         for l1, l2 in {(a, b) for sh in self.shells for a, _ in sh
                        for sh2 in self.shells for b, _ in sh2}:
             for big_l, _ in self._degrees(INTRA, l1, l2):
@@ -214,11 +221,16 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         for a in range(ns):
             self.heads[f"{ONSITE}_{a}"] = mlp([self.descriptor.dim, *onsite_hidden,
                                                self._ncoef(ONSITE, a, a)])
+        self.head_inputs = {ONSITE: [("descriptor", self.descriptor.dim)]}
+        for cat in (INTRA, INTER):
+            self.head_inputs[cat] = ([("raer_i", raer), ("raer_j", raer), ("rbf", n_radial),
+                                      ("bond", n_bond)] if self._environmental(cat)
+                                     else [("rbf", n_radial)])
         for a, b, rng in product(range(ns), range(ns), ("short", "long")):
-            self.heads[f"{INTRA}_{a}_{b}_{rng}"] = mlp(
-                [2 * raer + n_radial + n_bond, *intra_hidden, self._ncoef(INTRA, a, b)])
-            self.heads[f"{INTER}_{a}_{b}_{rng}"] = mlp(
-                [n_radial, *inter_hidden, self._ncoef(INTER, a, b)])
+            for cat, hidden in ((INTRA, intra_hidden), (INTER, inter_hidden)):
+                width = sum(n for _, n in self.head_inputs[cat])
+                self.heads[f"{cat}_{a}_{b}_{rng}"] = mlp([width, *hidden,
+                                                          self._ncoef(cat, a, b)])
         # Start every head at zero output (H = mean on-site energies): a head that sees no
         # data (e.g. inter-layer heads trained on monolayers only) then adds nothing.
         for head in self.heads.values():
@@ -231,13 +243,17 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         self.alignment = VacuumAlignment(alignment_degree)
 
     # ------------------------------------------------------------------------------
+    def _environmental(self, cat: str) -> bool:
+        """Whether hoppings of this category see the atoms' environments."""
+        return cat == INTRA or (cat == INTER and self.interlayer_environment)
+
     def _degrees(self, cat: str, l1: int, l2: int) -> list[tuple[int, bool]]:
         """Components (L, pseudo) of an l1 x l2 block the category's features can build.
 
-        ``pseudo``: parity (-1)^(L+1), i.e. L + l1 + l2 odd. Only intra-layer hoppings with
-        bond products have pseudo-tensor features; every other block is proper only.
+        ``pseudo``: parity (-1)^(L+1), i.e. L + l1 + l2 odd. Only hoppings that see the
+        environment, with bond products, have pseudo-tensor features; the rest are proper.
         """
-        pseudo_ok = cat == INTRA and self.bond_products
+        pseudo_ok = self._environmental(cat) and self.bond_products
         return [(L, (L + l1 + l2) % 2 == 1) for L in range(abs(l1 - l2), l1 + l2 + 1)
                 if (L + l1 + l2) % 2 == 0 or pseudo_ok]
 
@@ -275,11 +291,12 @@ class DPWannierModel(nn.Module, CheckpointMixin):
 
     def _nchan(self, cat: str, big_l: int, pseudo: bool = False) -> int:
         """Feature channels of component (L, pseudo): the coefficients per (shell pair, L)."""
-        base = 0 if pseudo else {ONSITE: 1 + self.c_env, INTRA: 1 + 2 * self.c_env,
-                                 INTER: 1}[cat]
-        if cat == INTRA:
-            base += 2 * self.c_env * len(self.product_paths.get((big_l, pseudo), ()))
-        return base
+        if cat == ONSITE:
+            return 0 if pseudo else 1 + self.c_env
+        if not self._environmental(cat):
+            return 0 if pseudo else 1
+        base = 0 if pseudo else 1 + 2 * self.c_env
+        return base + 2 * self.c_env * len(self.product_paths.get((big_l, pseudo), ()))
 
     def coefficient_layout(self, cat: str, a: int, b: int
                            ) -> dict[tuple[int, int, int, bool], tuple[int, int]]:
@@ -304,6 +321,10 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         for name, head in self.heads.items():
             cat, a, *rest = name.split("_")  # onsite_{a} or {intra,inter}_{a}_{b}_{range}
             a, b = int(a), int(rest[0]) if rest else int(a)
+            first = torch.zeros_like(head[0].weight)  # new input columns start at zero
+            for col_new, col_old in self._input_columns(cat, old):
+                first[:, col_new] = old.heads[name][0].weight[:, col_old]
+            mine[f"heads.{name}.0.weight"] = first
             new_rows = self.coefficient_layout(cat, a, b)
             old_last = old.heads[name][-1]
             weight = torch.zeros_like(head[-1].weight)
@@ -315,6 +336,25 @@ class DPWannierModel(nn.Module, CheckpointMixin):
             prefix = f"heads.{name}.{len(head) - 1}."
             mine[prefix + "weight"], mine[prefix + "bias"] = weight, bias
         self.load_state_dict(mine)
+
+    def _input_columns(self, cat: str, old: DPWannierModel) -> list[tuple[int, int]]:
+        """(new, old) column pairs of the inputs both models' heads of ``cat`` take."""
+        def offsets(model: DPWannierModel) -> dict[str, tuple[int, int]]:
+            out, k = {}, 0
+            for name, n in model.head_inputs[cat]:
+                out[name] = (k, n)
+                k += n
+            return out
+
+        new_off, old_off = offsets(self), offsets(old)
+        pairs = []
+        for name, (k_old, n) in old_off.items():
+            if n and name in new_off:
+                if new_off[name][1] != n:
+                    raise ValueError(f"head input {name!r} changed size ({n} -> "
+                                     f"{new_off[name][1]}): cannot grow")
+                pairs += [(new_off[name][0] + c, k_old + c) for c in range(n)]
+        return pairs
 
     def _ncoef(self, cat: str, a: int, b: int) -> int:
         return sum(self._nchan(cat, big_l, pseudo) for l1, _ in self.shells[a]
@@ -463,7 +503,7 @@ class DPWannierModel(nn.Module, CheckpointMixin):
                  & (short if rng == "short" else ~short)).nonzero()[:, 0]
             if len(m) == 0:
                 continue
-            if cat == INTRA:
+            if self._environmental(cat):
                 parts = [raer[g.h_i[m]], raer[g.h_j[m]], rbf[m]]
                 if self.bond_invariants:
                     parts += self._bond_invariants(ys, env, g.h_i[m], g.h_j[m], m)

@@ -32,6 +32,8 @@ from .model import DPWannierModel
 
 H_THRESHOLD = 1e-3  # eV: elements counted in the H metrics (as the paper)
 DATA_HPARAMS = ("min_distance",)
+# Head options a trained model can be grown into (DPWannierModel.grow_from).
+GROWABLE = ("bond_products", "interlayer_environment")
 # What defines a force field: these hyper-parameters must agree to reuse one (``init_ff``).
 FF_HPARAMS = ("species", "rc", "rcs", "embed", "axis", "fit", "env_norm")
 # The force field's trained modules and its data-derived buffers: one definition for both
@@ -333,12 +335,11 @@ class DPWannierTrainer:
     def _load_model(self, path: str | os.PathLike) -> None:
         """Start from the complete state of the model saved at ``path``."""
         ck = load_checkpoint(path)
-        grows = (self.model.hparams.get("bond_products")
-                 and not ck["hparams"].get("bond_products")
+        grows = (any(self.model.hparams.get(k) and not ck["hparams"].get(k) for k in GROWABLE)
                  and all(ck["hparams"].get(k) == v for k, v in self.model.hparams.items()
-                         if k not in ("bond_products", *DATA_HPARAMS)))
+                         if k not in (*GROWABLE, *DATA_HPARAMS)))
         try:
-            if grows:  # add bond products to a trained model: new channels start at zero
+            if grows:  # richer heads from a trained model: the new weights start at zero
                 old = DPWannierModel(**ck["hparams"])
                 old.load_state_dict(ck["state_dict"])
                 self.model.grow_from(old)
