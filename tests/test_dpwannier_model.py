@@ -222,10 +222,7 @@ def _best_fit_residual(model: DPWannierModel, sample, r_max: float) -> float:
     for e in ((vec.norm(dim=1) < r_max) & same).nonzero()[:, 0]:
         m = e.reshape(1)
         a, b = int(g.species[g.h_i[e]]), int(g.species[g.h_j[e]])
-        feats = {(big_l, False): torch.cat([y[m], t[g.h_i[m]], t[g.h_j[m]]], dim=1)
-                 for big_l, (y, t) in enumerate(zip(ys, env))}
-        if model.bond_products:
-            feats = model._with_bond_products(feats, ys, env, g.h_i[m], g.h_j[m], m)
+        feats = model._environment_features(ys, env, g.h_i[m], g.h_j[m], m)
         n = model._ncoef("intra", a, b)
         # blocks are linear in the coefficients: unit coefficient vectors give the basis
         basis = model._blocks("intra", a, b, torch.eye(n, dtype=torch.float64),

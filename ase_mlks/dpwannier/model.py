@@ -49,6 +49,12 @@ ONSITE, INTRA, INTER = "onsite", "intra", "inter"
 
 STD_FLOOR = 0.1  # descriptor normalization floor, fraction of the largest spread
 
+def _coupling(l1: int, l2: int, big_l: int) -> torch.Tensor:
+    """Wigner-3j (2l1+1, 2l2+1, 2L+1) scaled by sqrt(2L+1): couples l1 (x) l2 -> L with
+    unit-norm-preserving weights."""
+    return o3.wigner_3j(l1, l2, big_l) * math.sqrt(2 * big_l + 1)
+
+
 class GaussianBasis(nn.Module):
     """Gaussian radial basis on [0, r_max] Å times a smooth cutoff; output (E, n)."""
 
@@ -198,8 +204,7 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         for l1, l2 in {(a, b) for sh in self.shells for a, _ in sh
                        for sh2 in self.shells for b, _ in sh2}:
             for big_l, _ in self._degrees(INTRA, l1, l2):
-                self.register_buffer(f"cg_{l1}_{l2}_{big_l}", o3.wigner_3j(l1, l2, big_l)
-                                     * math.sqrt(2 * big_l + 1))
+                self.register_buffer(f"cg_{l1}_{l2}_{big_l}", _coupling(l1, l2, big_l))
         for l in range(lmax + 1):
             self.register_buffer(f"p_{l}", torch.as_tensor(e3nn_to_ours(l), dtype=torch.float32))
         raer = fit[-1]
@@ -282,8 +287,7 @@ class DPWannierModel(nn.Module, CheckpointMixin):
                     if p1 != l1:
                         continue
                     m = torch.zeros(2 * l1 + 1, width, 2 * big_l + 1)
-                    m[:, start[l2]:start[l2] + 2 * l2 + 1] = (o3.wigner_3j(l1, l2, big_l)
-                                                              * math.sqrt(2 * big_l + 1))
+                    m[:, start[l2]:start[l2] + 2 * l2 + 1] = _coupling(l1, l2, big_l)
                     blocks.append(m)
                     self.product_columns[(l1, l2, big_l, pseudo)] = col
                     col += 2 * big_l + 1
@@ -508,10 +512,7 @@ class DPWannierModel(nn.Module, CheckpointMixin):
                 if self.bond_invariants:
                     parts += self._bond_invariants(ys, env, g.h_i[m], g.h_j[m], m)
                 inp = torch.cat(parts, dim=1)
-                feats = {(big_l, False): torch.cat([y[m], t[g.h_i[m]], t[g.h_j[m]]], dim=1)
-                         for big_l, (y, t) in enumerate(zip(ys, env))}
-                if self.bond_products:
-                    feats = self._with_bond_products(feats, ys, env, g.h_i[m], g.h_j[m], m)
+                feats = self._environment_features(ys, env, g.h_i[m], g.h_j[m], m)
             else:
                 inp = rbf[m]
                 feats = {(big_l, False): y[m] for big_l, y in enumerate(ys)}
@@ -523,6 +524,18 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         hop = 0.5 * (raw + raw[g.h_rev].transpose(1, 2))
         hop = hop * smooth_switch(r, self.h_cutoff - 1.0, self.h_cutoff)[:, None, None]
         return {"onsite": onsite, "hop": hop}
+
+    def _environment_features(self, ys: list[torch.Tensor], env: list[torch.Tensor],
+                              i: torch.Tensor, j: torch.Tensor, m: torch.Tensor
+                              ) -> dict[tuple[int, bool], torch.Tensor]:
+        """Features of hoppings that see the environment, edges ``m`` from ``i`` to ``j``:
+        bond harmonics and both ends' environment tensors per degree (plus the bond products
+        when enabled), ``{(L, pseudo): (E, nchan, 2L+1)}``."""
+        feats = {(big_l, False): torch.cat([y[m], t[i], t[j]], dim=1)
+                 for big_l, (y, t) in enumerate(zip(ys, env))}
+        if self.bond_products:
+            feats = self._with_bond_products(feats, ys, env, i, j, m)
+        return feats
 
     def _with_bond_products(self, feats: dict[tuple[int, bool], torch.Tensor],
                             ys: list[torch.Tensor], env: list[torch.Tensor], i: torch.Tensor,
