@@ -5,13 +5,17 @@ Every model's tests call these instead of re-deriving the physics checks:
 * ``finite_difference_forces`` / ``assert_forces_consistent``: forces = -dE/dR,
 * ``finite_difference_stress``: stress = (1/V) dE/dstrain,
 * ``random_rotation``: a proper rotation matrix from a seed,
-* ``rotate_hamiltonian_blocks``: the Wigner-D transform a rotated structure's H must obey.
+* ``rotate_hamiltonian_blocks``: the Wigner-D transform a rotated structure's H must obey,
+* ``assert_cell_choice_invariant``: energy, forces and bands do not depend on the cell chosen
+  for a crystal (a supercell folds the bands; a sheared cell of the same lattice changes nothing).
 
 ``PzTightBindingCalc`` is an analytic model (one p_z orbital per atom, hopping
 ``t * exp(-(d - d0) / decay)``) used to test the Hamiltonian machinery without any network.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 from ase import Atoms
@@ -100,6 +104,53 @@ def rotate_hamiltonian_blocks(basis: OrbitalBasis, numbers, block: np.ndarray, i
     Di = basis.rotation_matrix(int(numbers[i]), rotation)
     Dj = basis.rotation_matrix(int(numbers[j]), rotation)
     return Di @ block @ Dj.T
+
+
+def _sheared(atoms: Atoms) -> Atoms:
+    """The same crystal in the cell (a1, a1 + a2, a3) (same lattice, atoms wrapped into it)."""
+    out = atoms.copy()
+    cell = np.asarray(atoms.cell)
+    out.set_cell([cell[0], cell[0] + cell[1], cell[2]], scale_atoms=False)
+    out.wrap()
+    return out
+
+
+def assert_cell_choice_invariant(make_calc: Callable[[], Calculator], atoms: Atoms,
+                                 q=(0.1, 0.23, 0.0), forces: bool = True,
+                                 atol: float = 1e-6) -> dict[str, float]:
+    """Check that results do not depend on the cell chosen for the crystal ``atoms``.
+
+    Against the primitive ``atoms``: the 2×1×1 supercell has twice the energy, tiled forces
+    and, at fractional k (2 q1, q2, q3), the primitive bands at q and q + b1/2 together; the
+    sheared cell (a1, a1 + a2, a3) has the same energy, forces and, at the same Cartesian k
+    (fractional (q1, q1 + q2, q3)), the same bands. ``make_calc`` returns a fresh
+    HamiltonianCalculator; ``forces=False`` checks bands only (no energy or forces).
+    Returns the largest deviation of each kind (eV, eV/Å); raises AssertionError above ``atol``.
+    """
+    q = np.asarray(q, dtype=float)
+
+    def evaluate(structure: Atoms, kpts) -> tuple[float, np.ndarray, np.ndarray]:
+        structure = structure.copy()
+        structure.calc = make_calc()
+        energy, f = (structure.get_potential_energy(), structure.get_forces()) if forces \
+            else (0.0, np.zeros((len(structure), 3)))
+        bands = structure.calc.get_hamiltonian(structure).eigenvalues(np.atleast_2d(kpts))
+        return energy, f, np.sort(bands.ravel())
+
+    e0, f0, b0 = evaluate(atoms, [q, q + [0.5, 0.0, 0.0]])
+    e2, f2, b2 = evaluate(atoms.repeat((2, 1, 1)), [[2 * q[0], q[1], q[2]]])
+    e3, f3, b3 = evaluate(_sheared(atoms), [[q[0], q[0] + q[1], q[2]]])
+    _, _, b3_ref = evaluate(atoms, [q])
+    err = {"supercell_energy": abs(e2 - 2 * e0),
+           "supercell_forces": np.abs(f2 - np.tile(f0, (2, 1))).max(),
+           "supercell_bands": np.abs(b2 - b0).max(),
+           "sheared_energy": abs(e3 - e0),
+           "sheared_forces": np.abs(f3 - f0).max(),
+           "sheared_bands": np.abs(b3 - b3_ref).max()}
+    bad = {k: v for k, v in err.items() if v > atol}
+    if bad:
+        raise AssertionError(f"results depend on the cell choice (atol {atol}): {bad}")
+    return {k: float(v) for k, v in err.items()}
 
 
 class PzTightBindingCalc(HamiltonianCalculator):

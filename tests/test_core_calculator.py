@@ -108,3 +108,25 @@ def test_large_cells_use_gamma_midgap_and_bands_near_the_fermi_level(monkeypatch
     for e_near, e_all in zip(bs.energies[0], full):
         ref = np.sort(e_all[np.argsort(np.abs(e_all - bs.reference))[:20]])
         np.testing.assert_allclose(e_near, ref, atol=1e-8)
+
+
+def test_cell_choice_invariance_of_the_analytic_model():
+    """The reusable check passes for an exact model and catches a cell-dependent one."""
+    from ase.build import graphene
+
+    from ase_mlks.testing import assert_cell_choice_invariant
+
+    atoms = graphene(a=2.46, vacuum=5.0)
+    atoms.pbc = True
+    atoms.rattle(0.05, seed=1)
+    make = lambda: PzTightBindingCalc(cutoff=3.0)  # noqa: E731
+    errors = assert_cell_choice_invariant(make, atoms, forces=False)
+    assert max(errors.values()) < 1e-10
+    # an on-site level that follows the atom index is not a property of the crystal
+    class IndexedOnsite(PzTightBindingCalc):
+        def build_hamiltonian(self, atoms):
+            self.parameters["onsite"] = 0.3 * np.arange(len(atoms))
+            return super().build_hamiltonian(atoms)
+
+    with pytest.raises(AssertionError, match="cell choice"):
+        assert_cell_choice_invariant(lambda: IndexedOnsite(cutoff=3.0), atoms, forces=False)

@@ -158,3 +158,16 @@ def test_shipped_water_model_reproduces_unseen_scf_hamiltonians():
         e_ref = np.asarray(ref["mo_energy"], float)[0]
         occ = e_ref < ref["mu"]
         assert np.abs(e_pred - e_ref)[occ].mean() * HARTREE * 1e3 < 15.0
+
+
+def test_graphene_bands_do_not_depend_on_cell_choice(gcalc):
+    """A rattled graphene cell, its 2x1 supercell and a sheared cell of the same lattice give
+    the same bands at the same Cartesian k (supercell bands folded) -- H(R) from the network
+    and S(R) from the engine's integrals both follow the crystal, not the cell."""
+    from ase_mlks.testing import assert_cell_choice_invariant
+
+    atoms = _graphene()
+    atoms.rattle(0.03, seed=2)
+    errors = assert_cell_choice_invariant(lambda: DeepHZeroCalc(model=gcalc.model), atoms,
+                                          forces=False, atol=1e-5)
+    assert max(errors.values()) < 1e-5

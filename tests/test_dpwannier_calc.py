@@ -134,6 +134,10 @@ def test_shell_normalized_element_loss(dataset):
             head[-1].bias.zero_()
     nothing, _ = hamiltonian_loss(blank, sample, w_bands=0.0, shells=shells)
     assert float(nothing.detach()) == pytest.approx(1.0, abs=1e-3)
+    # w_onsite = 3 raises the on-site group's ~1 to ~3 among n groups: mean ~1 + 2/n
+    weighted, _ = hamiltonian_loss(blank, sample, w_bands=0.0, shells=shells, w_onsite=3.0)
+    n_groups = 2.0 / (float(weighted.detach()) - 1.0)
+    assert n_groups >= 2 and n_groups == pytest.approx(round(n_groups), abs=0.05)
     plain, _ = hamiltonian_loss(blank, sample, w_bands=0.0)
     # a different objective from the plain MSE
     assert float(plain.detach()) != pytest.approx(float(nothing.detach()), abs=1e-3)

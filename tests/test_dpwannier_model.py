@@ -272,3 +272,16 @@ def test_grow_from_richer_heads_without_changing_the_model(model, atoms, options
         assert grown._ncoef("intra", 0, 1) > model._ncoef("intra", 0, 1)
     if "interlayer_environment" in new:
         assert grown._ncoef("inter", 0, 1) > model._ncoef("inter", 0, 1)
+
+
+def test_results_do_not_depend_on_cell_choice(model, atoms):
+    """Through the calculator: a 2x1 supercell and a sheared cell of the same bilayer give
+    the same energy per cell, forces and bands at the same Cartesian k (folded)."""
+    import copy
+
+    from ase_mlks.dpwannier import DPWannierCalc
+    from ase_mlks.testing import assert_cell_choice_invariant
+
+    frozen = copy.deepcopy(model)  # the calculator freezes its model's parameters
+    errors = assert_cell_choice_invariant(lambda: DPWannierCalc(model=frozen), atoms, atol=TOL)
+    assert max(errors.values()) < TOL

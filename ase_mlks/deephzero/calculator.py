@@ -48,6 +48,14 @@ def _basis_mol(atoms: Atoms, desc: dict):
                  charge=desc.get("charge", 0), ecp=desc.get("pseudo"))
 
 
+def _overlap_shifts(mol) -> np.ndarray:
+    """Integer lattice vectors (n, 3) within the basis' overlap range (none for molecules)."""
+    if not hasattr(mol, "get_lattice_Ls"):
+        return np.zeros((0, 3), dtype=int)
+    frac = np.linalg.solve(mol.lattice_vectors().T, mol.get_lattice_Ls().T).T
+    return np.rint(frac).astype(int)
+
+
 class DeepHZeroCalc(HamiltonianCalculator):
     """ASE calculator: H_theta from a DeepH-Zero network (see module docstring).
 
@@ -92,7 +100,12 @@ class DeepHZeroCalc(HamiltonianCalculator):
         g, onsite, hops = self._blocks(atoms)
         off = basis.orbital_offsets(atoms.numbers)
         n = int(off[-1])
-        shifts = np.unique(np.concatenate([np.zeros((1, 3), int), g.shifts]), axis=0)
+        mol = _basis_mol(atoms, desc)
+        # S(R) over every lattice vector the basis functions reach (PySCF's own lattice sum,
+        # as the engine's S(k)), not only those of the network's hoppings: truncating S with
+        # H's R set would make the bands depend on the cell chosen for the crystal.
+        shifts = np.unique(np.concatenate([np.zeros((1, 3), int), g.shifts,
+                                           _overlap_shifts(mol)]), axis=0)
         rindex = {tuple(r): k for k, r in enumerate(shifts)}
         H = np.zeros((len(shifts), n, n))
         r0 = rindex[(0, 0, 0)]
@@ -107,7 +120,6 @@ class DeepHZeroCalc(HamiltonianCalculator):
         Hs = np.zeros_like(H)
         for k, r in enumerate(shifts):
             Hs[k] = 0.5 * (H[k] + H[rindex[tuple(-r)]].T)
-        mol = _basis_mol(atoms, desc)
         _, perm = pyscf_basis_and_permutation(mol, atoms.numbers)
         S = np.stack([perm @ self._overlap(mol, atoms, r) @ perm.T for r in shifts])
         return TBHamiltonian.from_dense(

@@ -107,7 +107,7 @@ def hop_geometry(model: DPWannierModel, g) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def shell_normalized_mse(inner, g, batch: Sample, on_m, hop_m, d_on, t_hop, d_hop,
-                         shells: Sequence[float]) -> torch.Tensor:
+                         shells: Sequence[float], w_onsite: float = 1.0) -> torch.Tensor:
     """Mean over element groups of MSE / mean square of the target (1 − R² per group).
 
     Groups: the on-site deviations from the mean levels, and the hoppings split by pair
@@ -117,11 +117,13 @@ def shell_normalized_mse(inner, g, batch: Sample, on_m, hop_m, d_on, t_hop, d_ho
     coherent sum in the Bloch sums narrows the bands (docs/dpwannier.md, session 9).
     ``d_on`` / ``t_hop``, ``d_hop``: on-site residuals and hopping targets / residuals (eV) of
     the elements selected by the masks ``on_m`` / ``hop_m``, as :func:`hamiltonian_loss` has them.
+    ``w_onsite`` weights the on-site group: with one vote among ~10 hopping groups the on-site
+    levels otherwise end up the largest element error.
     """
     dtype = d_hop.dtype
     eye = torch.diag_embed(inner.onsite_bias[g.species].to(dtype))
     t_on = (batch.onsite.to(dtype) - eye)[on_m]
-    terms = [(d_on**2).mean() / ((t_on**2).mean() + 1e-6)]
+    terms = [w_onsite * (d_on**2).mean() / ((t_on**2).mean() + 1e-6)]
     r, inter = hop_geometry(inner, g)
     shell = torch.bucketize(r, torch.as_tensor(list(shells), dtype=r.dtype))
     group = (2 * shell + inter.long())[:, None, None].expand(hop_m.shape)[hop_m]
@@ -149,7 +151,7 @@ def hamiltonian_loss(model, batch: Sample, w_onsite: float = 1.0, w_elements: fl
     d_hop = out["hop"][hop_m] - t_hop
     if shells:
         loss = w_elements * shell_normalized_mse(inner, g, batch, on_m, hop_m, d_on, t_hop,
-                                                 d_hop, shells)
+                                                 d_hop, shells, w_onsite)
     else:
         loss = w_elements * (w_onsite * (d_on**2).mean() + (d_hop**2).mean())
     big = t_hop.abs() > H_THRESHOLD
@@ -479,6 +481,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "these edges (Å), e.g. 2.6 3.5 4.5 6 (default: one plain MSE)")
     p.add_argument("--w-elements", type=float, default=1.0,
                    help="stage-2 weight of the H-element MSE (eV²)")
+    p.add_argument("--w-onsite", type=float, default=1.0,
+                   help="stage-2 weight of the on-site elements relative to the hoppings")
     p.add_argument("--lr-patience", type=int, default=8, help="epochs before LR halves")
     p.add_argument("--patience", type=int, default=40, help="early-stopping epochs")
     p.add_argument("--prefix", default=None)
@@ -519,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tr.stage2(args.epochs2, args.lr2, args.batch_size, lr_patience=args.lr_patience,
                   patience=args.patience, optimizer=args.optimizer2,
                   loss_weights={"w_bands": args.w_bands, "w_elements": args.w_elements,
-                                "shells": args.shells})
+                                "w_onsite": args.w_onsite, "shells": args.shells})
         info = tr.finish(args.output)
         print(json.dumps({k: v for k, v in info.items() if k != "val_keys"}, indent=1))
 
