@@ -4,6 +4,8 @@ target the student must learn, not a stand-in for the GPAW data (that is benchma
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -111,6 +113,36 @@ def test_lbfgs_stage_and_new_heads_on_a_trained_force_field(trained, tmp_path):
     with pytest.raises(CheckpointError, match="does not fit"):
         DPWannierTrainer(trained["data"], tmp_path / "bad2", model_kwargs=kw, progress=False,
                          init_model=trained["path"])
+
+
+def test_energy_correction_improves_forces_and_keeps_the_heads(trained, tmp_path):
+    """A trained model grown with ff_correction starts at exactly its predictions; stage 1
+    with correction_only lowers the force loss, changes no base force-field or head weight
+    (so the RAER and every H block stay as they were) and is saved as a complete model."""
+    from ase_mlks.core.errors import AseMlksError
+    from ase_mlks.dpwannier.trainer import main
+
+    kw = {**SMALL, "ff_correction": True, "correction_embed": [8, 16], "correction_axis": 4,
+          "correction_fit": [16]}
+    tr = DPWannierTrainer(trained["data"], tmp_path / "corr", model_kwargs=kw, progress=False,
+                          init_model=trained["path"])
+    saved = torch.load(trained["path"], weights_only=False)["state_dict"]
+    sd = tr.model.state_dict()
+    assert all(torch.equal(v, sd[k].to(v.dtype)) for k, v in saved.items())
+    hist = tr.stage1(epochs=3, lr=5e-3, batch_size=2, correction_only=True)
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    sd = tr.model.state_dict()
+    for k, v in saved.items():  # nothing outside the correction moved
+        assert torch.equal(v, sd[k].to(v.dtype)), k
+    with pytest.raises(AseMlksError, match="ff_correction"):
+        trained["trainer"].stage1(epochs=1, correction_only=True)
+    out = tmp_path / "corrected.pt"
+    main(["--data", str(trained["data"]), "--workdir", str(tmp_path / "cli"), "--stage", "1",
+          "--epochs1", "2", "--optimizer1", "adam", "--lr1", "5e-3", "--batch-size", "2",
+          "--correction-only", "--init-model", str(trained["path"]), "--output", str(out),
+          "--model-kwargs", json.dumps(kw)])
+    calc = DPWannierCalc(model=str(out))
+    assert calc.model.correction is not None
 
 
 def test_shell_normalized_element_loss(dataset):

@@ -16,16 +16,27 @@ from ase_mlks.structures import bilayer_configuration, monolayer
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=[(False, False, False), (True, False, False),
-                                        (True, True, False), (True, True, True)],
-                ids=["plain", "bond-invariants", "bond-products", "interlayer-environment"])
+@pytest.fixture(scope="module", params=[(False, False, False, False), (True, False, False, False),
+                                        (True, True, False, False), (True, True, True, False),
+                                        (True, True, True, True)],
+                ids=["plain", "bond-invariants", "bond-products", "interlayer-environment",
+                     "energy-correction"])
 def model(request) -> DPWannierModel:
     torch.manual_seed(0)
     m = DPWannierModel(embed=(8, 16), axis=4, fit=(16, 8), h_cutoff=8.0, env_channels=2,
                        n_radial=8, intra_hidden=(16,), inter_hidden=(8,), onsite_hidden=(16,),
                        bond_invariants=request.param[0], bond_products=request.param[1],
-                       interlayer_environment=request.param[2])
+                       interlayer_environment=request.param[2], ff_correction=request.param[3],
+                       correction_embed=(8, 16), correction_axis=4, correction_fit=(16,))
     m = m.double()
+    if m.correction is not None:  # row statistics of a real bilayer; a non-zero output
+        rng = np.random.default_rng(5)
+        g = build_graph([bilayer_configuration(rng, size=(2, 2))], m.species, m.rc,
+                        m.h_cutoff, m.areal_density)
+        m.set_descriptor_stats(g.to(torch.float64))
+        with torch.no_grad():
+            for net in m.correction.fit:
+                torch.nn.init.normal_(net[-1].weight, std=0.3)
     # Non-trivial scales so every term contributes at the eV level.
     m.e_scale.fill_(3.0)
     m.h_scale.fill_(2.0)
@@ -254,7 +265,9 @@ def test_bond_products_span_crystal_wannier_blocks():
 
 
 @pytest.mark.parametrize("options", [{"bond_products": True},
-                                     {"bond_products": True, "interlayer_environment": True}])
+                                     {"bond_products": True, "interlayer_environment": True},
+                                     {"bond_products": True, "interlayer_environment": True,
+                                      "ff_correction": True}])
 def test_grow_from_richer_heads_without_changing_the_model(model, atoms, options):
     """A trained model grown into richer heads (bond products; inter-layer heads that see the
     environment) predicts exactly what it did (new input columns and coefficient rows start
@@ -272,6 +285,8 @@ def test_grow_from_richer_heads_without_changing_the_model(model, atoms, options
         assert grown._ncoef("intra", 0, 1) > model._ncoef("intra", 0, 1)
     if "interlayer_environment" in new:
         assert grown._ncoef("inter", 0, 1) > model._ncoef("inter", 0, 1)
+    if "ff_correction" in new:
+        assert grown.correction is not None
 
 
 def test_results_do_not_depend_on_cell_choice(model, atoms):

@@ -22,6 +22,9 @@ Design (Qi, Gong & Yan, arXiv:2403.13675, improved where noted):
   f(j->i)^T) / 2.
 * Vacuum-level alignment: a polynomial C(strain, N_out/N_in - 1) per layer, fitted by
   least squares, added to that layer's on-site diagonal.
+* Optional energy correction (``ff_correction``): a second Deep-Potential term with a
+  row-normalized environment added to every atomic energy. It improves the forces of a
+  trained model without changing the RAER the heads read (see ``EnergyCorrection``).
 
 Orbital order follows ``ase_mlks.core.orbitals`` (blocks are converted from e3nn's order).
 """
@@ -107,6 +110,50 @@ class VacuumAlignment(nn.Module):
         return 1.0 - float((resid**2).sum()) / ss if ss > 0 else 1.0
 
 
+class EnergyCorrection(nn.Module):
+    """Residual Deep-Potential atomic energies (N,) eV from a row-normalized se_e2_a descriptor.
+
+    The base force field's last hidden layer is the RAER the Hamiltonian heads read, so
+    training that network further on forces would move the heads' inputs. This term adds
+    energy (hence forces and stress) without touching the RAER. Its environment rows are
+    standardized (``DPDescriptor(normalize_rows=True)``), the conditioning the base network
+    lacks. The output layers start at zero: a model grown with it predicts exactly what the
+    model without it did, and training starts from there.
+    """
+
+    def __init__(self, nspecies: int, rc: float, rcs: float, embed: tuple[int, ...],
+                 axis: int, fit: tuple[int, ...], norm: float):
+        super().__init__()
+        self.descriptor = DPDescriptor(nspecies, rc=rc, rcs=rcs, embed=tuple(embed), axis=axis,
+                                       norm=norm, normalize_rows=True)
+        self.fit = nn.ModuleList(mlp([self.descriptor.dim, *fit, 1]) for _ in range(nspecies))
+        for net in self.fit:
+            nn.init.zeros_(net[-1].weight)
+            nn.init.zeros_(net[-1].bias)
+        self.register_buffer("d_mean", torch.zeros(self.descriptor.dim))
+        self.register_buffer("d_std", torch.ones(self.descriptor.dim))
+
+    def forward(self, species: torch.Tensor, edge_i: torch.Tensor, edge_j: torch.Tensor,
+                vectors: torch.Tensor) -> torch.Tensor:
+        x = (self.descriptor(species, edge_i, edge_j, vectors) - self.d_mean) / self.d_std
+        e = x.new_zeros(len(species))
+        for a, net in enumerate(self.fit):
+            m = (species == a).nonzero()[:, 0]
+            if len(m):
+                e = e.index_put((m,), net(x[m])[:, 0])
+        return e
+
+    @torch.no_grad()
+    def set_stats(self, species: torch.Tensor, edge_i: torch.Tensor, edge_j: torch.Tensor,
+                  vectors: torch.Tensor) -> None:
+        """Row statistics, then the descriptor's mean and (floored) spread, from data."""
+        self.descriptor.set_row_stats(species, edge_i, vectors)
+        d = self.descriptor(species, edge_i, edge_j, vectors)
+        self.d_mean.copy_(d.mean(0))
+        std = d.std(0)
+        self.d_std.copy_(std.clamp_min(STD_FLOOR * float(std.max())))
+
+
 class DPWannierModel(nn.Module, CheckpointMixin):
     """Force field + Wannier Hamiltonian of layered materials from one descriptor.
 
@@ -126,6 +173,8 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         manifold_electrons: electrons per atom in the Wannier manifold, per element.
         core_bands: DFT bands per atom below the manifold (maps model to DFT band indices).
         fit_conduction_bands: conduction bands per atom included in band-energy fits.
+        ff_correction: add an ``EnergyCorrection`` (widths ``correction_embed``,
+            ``correction_axis``, ``correction_fit``) to the atomic energies.
     """
 
     pretrained_prefix = "dpwannier-"
@@ -142,7 +191,9 @@ class DPWannierModel(nn.Module, CheckpointMixin):
                  core_bands: dict[str, int] | None = None,
                  fit_conduction_bands: dict[str, int] | None = None,
                  bond_invariants: bool = False, bond_products: bool = False,
-                 interlayer_environment: bool = False):
+                 interlayer_environment: bool = False, ff_correction: bool = False,
+                 correction_embed: tuple[int, ...] = (16, 32), correction_axis: int = 8,
+                 correction_fit: tuple[int, ...] = (64, 64)):
         super().__init__()
         orbitals = dict(orbitals or {"Mo": "4d", "S": "3p"})
         self.hparams = dict(
@@ -153,7 +204,9 @@ class DPWannierModel(nn.Module, CheckpointMixin):
             areal_density=areal_density, min_distance=min_distance,
             alignment_degree=alignment_degree, env_norm=env_norm,
             bond_invariants=bond_invariants, bond_products=bond_products,
-            interlayer_environment=interlayer_environment,
+            interlayer_environment=interlayer_environment, ff_correction=ff_correction,
+            correction_embed=list(correction_embed), correction_axis=correction_axis,
+            correction_fit=list(correction_fit),
             manifold_electrons=dict(manifold_electrons or {"Mo": 2.0, "S": 6.0}),
             core_bands=dict(core_bands or {"Mo": 4, "S": 1}),
             fit_conduction_bands=dict(fit_conduction_bands or {"Mo": 1, "S": 0}))
@@ -180,6 +233,8 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         self.register_buffer("d_std", torch.ones(self.descriptor.dim))
         self.register_buffer("e_bias", torch.zeros(ns))
         self.register_buffer("e_scale", torch.ones(()))
+        self.correction = (EnergyCorrection(ns, rc, rcs, correction_embed, correction_axis,
+                                            correction_fit, env_norm) if ff_correction else None)
 
         # ---- Hamiltonian heads -----------------------------------------------------
         self.shells = [[(s.l, off) for s, off in zip(
@@ -379,6 +434,8 @@ class DPWannierModel(nn.Module, CheckpointMixin):
             h = self.fit_hidden[a](x[m])
             raer = raer.index_put((m,), h)
             e = e.index_put((m,), self.fit_out[a](h)[:, 0] * self.e_scale + self.e_bias[a])
+        if self.correction is not None:
+            e = e + self.correction(g.species, g.ff_i, g.ff_j, vectors)
         return e, raer, d
 
     def forward(self, g: DPGraph, forces: bool = True, stress: bool = False,
@@ -625,6 +682,8 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         # 100 meV/atom between epochs). The floor keeps such components small instead.
         std = d.std(0)
         self.d_std.copy_(std.clamp_min(STD_FLOOR * float(std.max())))
+        if self.correction is not None:
+            self.correction.set_stats(g.species, g.ff_i, g.ff_j, vec.to(self.d_mean.dtype))
 
     def orbital_mask(self, species: torch.Tensor) -> torch.Tensor:
         """(N, nmax) bool: which padded orbital slots are real for each atom."""

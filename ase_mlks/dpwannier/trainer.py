@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -33,14 +34,25 @@ from .model import DPWannierModel
 H_THRESHOLD = 1e-3  # eV: elements counted in the H metrics (as the paper)
 DATA_HPARAMS = ("min_distance",)
 # Head options a trained model can be grown into (DPWannierModel.grow_from).
-GROWABLE = ("bond_products", "interlayer_environment")
+GROWABLE = ("bond_products", "interlayer_environment", "ff_correction")
+# The sizes of a growable part: free to choose when the old model lacks that part.
+GROWABLE_SIZES = {"ff_correction": ("correction_embed", "correction_axis", "correction_fit")}
 # What defines a force field: these hyper-parameters must agree to reuse one (``init_ff``).
-FF_HPARAMS = ("species", "rc", "rcs", "embed", "axis", "fit", "env_norm")
+FF_HPARAMS = ("species", "rc", "rcs", "embed", "axis", "fit", "env_norm", "ff_correction",
+              "correction_embed", "correction_axis", "correction_fit")
 # The force field's trained modules and its data-derived buffers: one definition for both
 # the stage-1 parameters (``ff_parameters``) and what ``init_ff`` copies.
-FF_MODULES = ("descriptor", "fit_hidden", "fit_out")
+FF_MODULES = ("descriptor", "fit_hidden", "fit_out", "correction")
 FF_BUFFERS = ("d_mean", "d_std", "e_bias", "e_scale")
 FF_PREFIXES = tuple(f"{m}." for m in FF_MODULES) + FF_BUFFERS
+# Hyper-parameters a checkpoint written before they existed holds at their default.
+HPARAM_DEFAULTS = {k: list(v.default) if isinstance(v.default, tuple) else v.default
+                   for k, v in inspect.signature(DPWannierModel).parameters.items()}
+
+
+def saved_hparam(hparams: dict, key: str):
+    """``hparams[key]`` of a checkpoint, or the default for checkpoints older than ``key``."""
+    return hparams.get(key, HPARAM_DEFAULTS.get(key))
 
 
 def stable_split(keys: Sequence[str], val_fraction: float = 0.2) -> tuple[list[str], list[str]]:
@@ -52,16 +64,23 @@ def stable_split(keys: Sequence[str], val_fraction: float = 0.2) -> tuple[list[s
     return train, val
 
 
-def ff_parameters(model: DPWannierModel) -> list[torch.nn.Parameter]:
-    return [p for m in FF_MODULES for p in getattr(model, m).parameters()]
+def ff_parameters(model: DPWannierModel, correction_only: bool = False
+                  ) -> list[torch.nn.Parameter]:
+    """Force-field parameters (with ``correction_only``: those of the energy correction)."""
+    modules = ("correction",) if correction_only else FF_MODULES
+    return [p for m in modules if getattr(model, m) is not None
+            for p in getattr(model, m).parameters()]
 
 
 def h_parameters(model: DPWannierModel) -> list[torch.nn.Parameter]:
     return [*model.heads.parameters(), *model.env_weights.parameters()]
 
 
-def _freeze(model: DPWannierModel, stage: int) -> None:
+def _freeze(model: DPWannierModel, stage: int, correction_only: bool = False) -> None:
+    """Train the force field in stage 1 (only its correction if asked), the heads in 2."""
     for p in ff_parameters(model):
+        p.requires_grad_(stage == 1 and not correction_only)
+    for p in ff_parameters(model, correction_only=True):
         p.requires_grad_(stage == 1)
     for p in h_parameters(model):
         p.requires_grad_(stage == 2)
@@ -323,11 +342,12 @@ class DPWannierTrainer:
         """Copy the force-field weights, normalization and closest approach from ``path``."""
         ck = load_checkpoint(path)
         mine = self.model.hparams
-        bad = [k for k in FF_HPARAMS if ck["hparams"].get(k) != mine.get(k)]
+        bad = [k for k in FF_HPARAMS if saved_hparam(ck["hparams"], k) != mine.get(k)]
         if bad:
             raise CheckpointError(
                 f"{path}: force field differs in {', '.join(bad)} "
-                f"({[ck['hparams'].get(k) for k in bad]} vs {[mine.get(k) for k in bad]})")
+                f"({[saved_hparam(ck['hparams'], k) for k in bad]} vs "
+                f"{[mine.get(k) for k in bad]})")
         ff = {k: v for k, v in ck["state_dict"].items() if k.startswith(FF_PREFIXES)}
         state = self.model.state_dict()
         state.update({k: v.to(state[k].dtype) for k, v in ff.items()})
@@ -337,11 +357,13 @@ class DPWannierTrainer:
     def _load_model(self, path: str | os.PathLike) -> None:
         """Start from the complete state of the model saved at ``path``."""
         ck = load_checkpoint(path)
-        grows = (any(self.model.hparams.get(k) and not ck["hparams"].get(k) for k in GROWABLE)
-                 and all(ck["hparams"].get(k) == v for k, v in self.model.hparams.items()
-                         if k not in (*GROWABLE, *DATA_HPARAMS)))
+        added = [k for k in GROWABLE
+                 if self.model.hparams.get(k) and not saved_hparam(ck["hparams"], k)]
+        free = {*GROWABLE, *DATA_HPARAMS, *(s for k in added for s in GROWABLE_SIZES.get(k, ()))}
+        grows = bool(added) and all(saved_hparam(ck["hparams"], k) == v
+                                    for k, v in self.model.hparams.items() if k not in free)
         try:
-            if grows:  # richer heads from a trained model: the new weights start at zero
+            if grows:  # richer heads or an energy correction: the new weights start at zero
                 old = DPWannierModel(**ck["hparams"])
                 old.load_state_dict(ck["state_dict"])
                 self.model.grow_from(old)
@@ -359,9 +381,12 @@ class DPWannierTrainer:
 
     def _trainer(self, stage: int, epochs: int, lr: float, batch_size: int,
                  lr_patience: int = 8, patience: int = 40, loss_weights: dict | None = None,
-                 optimizer: str = "adam", **kw) -> Trainer:
-        _freeze(self.model, stage)
-        params = ff_parameters(self.model) if stage == 1 else h_parameters(self.model)
+                 optimizer: str = "adam", correction_only: bool = False, **kw) -> Trainer:
+        if correction_only and self.model.correction is None:
+            raise AseMlksError("correction_only needs a model with ff_correction=True")
+        _freeze(self.model, stage, correction_only)
+        params = (ff_parameters(self.model, correction_only) if stage == 1
+                  else h_parameters(self.model))
         loss = functools.partial(force_field_loss if stage == 1 else hamiltonian_loss,
                                  **(loss_weights or {}))
         train, val = self.train_set, self.val_set
@@ -384,9 +409,10 @@ class DPWannierTrainer:
                                          "n_val": len(self.val_keys)}, **kw)
 
     def stage1(self, epochs: int = 200, lr: float = 5e-4, batch_size: int = 4,
-               w_energy: float = 1.0, **kw) -> list[dict]:
+               w_energy: float = 1.0, correction_only: bool = False, **kw) -> list[dict]:
         """Fit the force field on energies and forces (``kw``: lr_patience, patience,
-        optimizer).
+        optimizer). ``correction_only``: train only the energy correction (``ff_correction``),
+        so the RAER, and with it the trained heads' inputs, stay as they are.
 
         ``w_energy`` weighs the per-atom energy MSE (eV²) against the force MSE (eV²/Å²).
         With ``optimizer="lbfgs"`` every epoch is one full-batch L-BFGS step (``batch_size``
@@ -395,8 +421,8 @@ class DPWannierTrainer:
         lr 2e-3 with Adam and batch size 1 drove the tanh fitting net into saturation
         (constant energy, zero forces) within 20 epochs; 5e-4 trains.
         """
-        return self._trainer(1, epochs, lr, batch_size,
-                             loss_weights={"w_energy": w_energy}, **kw).fit()
+        return self._trainer(1, epochs, lr, batch_size, loss_weights={"w_energy": w_energy},
+                             correction_only=correction_only, **kw).fit()
 
     def stage2(self, epochs: int = 200, lr: float = 2e-3, batch_size: int = 4,
                **kw) -> list[dict]:
@@ -483,18 +509,31 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="stage-2 weight of the H-element MSE (eV²)")
     p.add_argument("--w-onsite", type=float, default=1.0,
                    help="stage-2 weight of the on-site elements relative to the hoppings")
+    p.add_argument("--schedule", choices=["plateau", "cosine"], default="plateau",
+                   help="plateau: halve the LR after --lr-patience epochs without progress, "
+                        "keep the best held-out epoch; cosine: fixed budget to --min-lr, keep "
+                        "the last epoch")
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--weight-decay", type=float, default=0.0,
+                   help="L2 penalty on the trained parameters (Adam's weight_decay)")
     p.add_argument("--lr-patience", type=int, default=8, help="epochs before LR halves")
     p.add_argument("--patience", type=int, default=40, help="early-stopping epochs")
     p.add_argument("--prefix", default=None)
     p.add_argument("--max-structures", type=int, default=None)
     p.add_argument("--model-kwargs", default="{}", help="JSON of DPWannierModel arguments")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the batch order (and of data-dependent initialization)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="training precision (float64: slower, finer L-BFGS line searches)")
     p.add_argument("--stage", choices=["1", "2", "all"], default="all")
     p.add_argument("--init-ff", default=None,
                    help="start from this checkpoint's force field (e.g. another run's "
                         "stage1/best.pt; use with --stage 2 to fit new heads only)")
+    p.add_argument("--correction-only", action="store_true",
+                   help="stage 1: train only the energy correction (model kwarg ff_correction); "
+                        "with --init-model the grown model keeps its RAER and heads and is "
+                        "saved to --output after stage 1")
     p.add_argument("--init-model", default=None,
                    help="start from this saved model's full state (force field and heads; "
                         "use with --stage 2 to fine-tune the heads with new loss weights)")
@@ -513,15 +552,21 @@ def main(argv: Sequence[str] | None = None) -> None:
                           val_fraction=args.val_fraction, prefix=args.prefix,
                           max_structures=args.max_structures, init_ff=args.init_ff,
                           dtype=getattr(torch, args.dtype),
-                          init_model=args.init_model)
+                          init_model=args.init_model, seed=args.seed)
     print(f"train {len(tr.train_keys)} / held-out {len(tr.val_keys)} structures")
     if args.stage in ("1", "all"):
         tr.stage1(args.epochs1, args.lr1, args.batch_size, w_energy=args.w_energy,
                   lr_patience=args.lr_patience, patience=args.patience,
-                  optimizer=args.optimizer1)
+                  optimizer=args.optimizer1, correction_only=args.correction_only,
+                  schedule=args.schedule, min_lr=args.min_lr, weight_decay=args.weight_decay)
+        if args.stage == "1" and args.correction_only and args.init_model:
+            # the heads came trained with the model and still fit its unchanged RAER
+            info = tr.finish(args.output)
+            print(json.dumps({k: v for k, v in info.items() if k != "val_keys"}, indent=1))
     if args.stage in ("2", "all"):
         tr.stage2(args.epochs2, args.lr2, args.batch_size, lr_patience=args.lr_patience,
                   patience=args.patience, optimizer=args.optimizer2,
+                  schedule=args.schedule, min_lr=args.min_lr, weight_decay=args.weight_decay,
                   loss_weights={"w_bands": args.w_bands, "w_elements": args.w_elements,
                                 "w_onsite": args.w_onsite, "shells": args.shells})
         info = tr.finish(args.output)
