@@ -121,6 +121,23 @@ def test_band_path_reuses_factorizations_and_matches_dense(monkeypatch):
     assert len(factorizations) <= 5  # every 10th k-point (3) plus rare fallbacks
 
 
+def test_band_path_split_over_workers_matches_one_process():
+    """workers=2 solves two halves of the path in forked processes: same bands, same order."""
+    atoms = graphene_sheet((12, 12, 1))
+    rng = np.random.default_rng(7)
+    ham = PzTightBindingCalc(t=T, cutoff=1.6, onsite=rng.normal(0, 0.3, len(atoms))
+                             ).build_hamiltonian(atoms)
+    kpts = np.linspace([0, 0, 0], [0.5, 0.25, 0], 9)
+    one, v1 = ham.eigenvalues(kpts, nbands=8, sigma=0.3, solver="shift-invert",
+                              return_vectors=True)
+    two, v2 = ham.eigenvalues(kpts, nbands=8, sigma=0.3, solver="shift-invert",
+                              return_vectors=True, workers=2)
+    assert two.shape == one.shape == (9, 8) and v2.shape == v1.shape
+    np.testing.assert_allclose(two, one, atol=1e-8, rtol=0)
+    np.testing.assert_allclose(two, ham.eigenvalues(kpts, nbands=8, sigma=0.3, solver="dense"),
+                               atol=1e-8, rtol=0)
+
+
 def test_each_solver_name_runs_its_own_solver(monkeypatch):
     """'shift-invert' and 'auto' must reach the solver they name, not a fallback."""
     atoms = graphene_sheet((4, 4, 1))

@@ -213,13 +213,14 @@ class HamiltonianCalculator(MLCalculator):
 
     def band_structure(self, path: BandPath | str | None = None, npoints: int = 100,
                        nbands: int | None = None, sigma: float | None = None,
-                       reference: float | None = None) -> BandStructure:
+                       reference: float | None = None, workers: int = 1) -> BandStructure:
         """Band structure along ``path`` (a ``BandPath``, or a special-point string such as
         'GMKG' for ``atoms.cell.bandpath``); defaults to the ``kpts`` parameter if that is a
         path. With ``nbands`` only the bands nearest ``sigma`` (default: Fermi level) are
         computed, by a shift-invert solver for large cells (above ``DENSE_LIMIT`` orbitals
         ``nbands`` defaults to ``LARGE_CELL_NBANDS``). Energies in eV on the model's absolute
         scale; ``reference`` (default Fermi level) is what ``plot`` puts at zero.
+        ``workers`` > 1 splits a large cell's path over that many processes (one per core).
         """
         ham = self.get_hamiltonian()
         if path is None:
@@ -234,7 +235,7 @@ class HamiltonianCalculator(MLCalculator):
             nbands = LARGE_CELL_NBANDS
         if nbands is not None and sigma is None:
             sigma = reference
-        eps = ham.eigenvalues(path.kpts, nbands=nbands, sigma=sigma)
+        eps = ham.eigenvalues(path.kpts, nbands=nbands, sigma=sigma, workers=workers)
         return BandStructure(path=path, energies=eps[None], reference=reference)
 
     def get_dos(self, energies: np.ndarray | None = None, width: float = 0.1,

@@ -15,7 +15,9 @@ cell, and a sparse LU of it fills in completely and is slower than the dense one
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import scipy.linalg
@@ -167,13 +169,16 @@ class TBHamiltonian:
 
     # -- eigenvalues ----------------------------------------------------------------------
     def eigenvalues(self, kpts, nbands: int | None = None, sigma: float | None = None,
-                    return_vectors: bool = False, solver: str = "auto"):
+                    return_vectors: bool = False, solver: str = "auto", workers: int = 1):
         """Band energies (nk, nbands) in eV, ascending at each k.
 
         ``nbands=None``: all bands (dense). With ``nbands`` and ``sigma`` (eV): the
         ``nbands`` states nearest ``sigma`` — by shift-invert Lanczos (``eigsh``) for large
         systems (``solver='sparse'`` or auto above ``DENSE_LIMIT`` orbitals), by dense
         ``eigh`` otherwise. Vectors, if asked, come as (nk, norb, nbands).
+        ``workers`` > 1 splits a shift-invert k-path into that many contiguous pieces solved
+        in forked processes (one per core; set ``OMP_NUM_THREADS=1`` so they do not also
+        thread their LAPACK calls). Results agree with ``workers=1`` to the solver tolerance.
         """
         kpts = np.atleast_2d(np.asarray(kpts, dtype=float))
         if solver == "auto":
@@ -189,7 +194,10 @@ class TBHamiltonian:
         if solver != "dense" and (sigma is None or nbands is None):
             raise ValueError(f"the {solver} solver needs both nbands and sigma")
         if solver == "shift-invert" and len(kpts) > 1 and self.s is None:
-            values, vectors = self._eig_path(kpts, nbands, sigma)
+            if workers > 1 and len(kpts) >= 2 * workers:
+                values, vectors = self._eig_path_parallel(kpts, nbands, sigma, workers)
+            else:
+                values, vectors = self._eig_path(kpts, nbands, sigma)
         else:
             values, vectors = [], []
             for k in kpts:
@@ -299,6 +307,27 @@ class TBHamiltonian:
             vectors.append(v[:, keep])
         return values, vectors
 
+    def _eig_path_parallel(self, kpts, nbands, sigma, workers: int):
+        """``_eig_path`` on ``workers`` contiguous pieces of the path, in forked processes.
+
+        Each piece pays one fresh ARPACK solve at its first k-point (~5x a Davidson step on
+        a moiré cell), so pieces should hold tens of k-points. Fork, not spawn: the children
+        inherit this Hamiltonian instead of unpickling a copy of it.
+        """
+        global _PATH_HAM
+        pieces = [p for p in np.array_split(np.arange(len(kpts)), workers) if len(p)]
+        _PATH_HAM = self
+        try:
+            ctx = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(max_workers=len(pieces), mp_context=ctx) as pool:
+                results = list(pool.map(_path_piece, [(kpts[p], nbands, sigma)
+                                                      for p in pieces]))
+        finally:
+            _PATH_HAM = None
+        values = [e for vals, _ in results for e in vals]
+        vectors = [v for _, vecs in results for v in vecs]
+        return values, vectors
+
     def _eig_sparse(self, k, nbands, sigma):
         H = self.hk(k, sparse=True).tocsc()
         S = None if self.s is None else self.sk(k, sparse=True).tocsc()
@@ -384,6 +413,15 @@ class TBHamiltonian:
                    nelectrons=group.attrs.get("nelectrons"),
                    pbc=read_array(group, "pbc"),
                    labels=None if labels is None else [x.decode() for x in labels])
+
+
+_PATH_HAM: TBHamiltonian | None = None  # the Hamiltonian forked path workers solve
+
+
+def _path_piece(args):
+    """One worker's piece of a k-path: (eigenvalues, eigenvectors) lists."""
+    kpts, nbands, sigma = args
+    return _PATH_HAM._eig_path(kpts, nbands, sigma)
 
 
 def _extend_basis(V: np.ndarray, T: np.ndarray) -> np.ndarray | None:
