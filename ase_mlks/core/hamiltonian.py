@@ -315,11 +315,11 @@ class TBHamiltonian:
         inherit this Hamiltonian instead of unpickling a copy of it.
         """
         global _PATH_HAM
-        pieces = [p for p in np.array_split(np.arange(len(kpts)), workers) if len(p)]
+        pieces = np.array_split(np.arange(len(kpts)), workers)  # caller: >= 2 k per piece
         _PATH_HAM = self
         try:
             ctx = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(max_workers=len(pieces), mp_context=ctx) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
                 results = list(pool.map(_path_piece, [(kpts[p], nbands, sigma)
                                                       for p in pieces]))
         finally:
