@@ -306,6 +306,9 @@ class DPWannierTrainer:
             self.train_keys, self.val_keys = self.val_keys, []
         with StructureDataset(self.data, "r") as ds:
             self.h_keys = {k for k in keys if find_hamiltonian_group(ds.group(k)) is not None}
+        # Seed before building the model: its initial weights are drawn here, so without
+        # this two runs with the same --seed would differ in more than batch order.
+        torch.manual_seed(seed)
         self.model = DPWannierModel(**(model_kwargs or {})).to(dtype)
         self.train_set = DPWannierData(self.data, self.train_keys, self.model)
         self.val_set = DPWannierData(self.data, self.val_keys, self.model) if self.val_keys \
@@ -523,7 +526,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--model-kwargs", default="{}", help="JSON of DPWannierModel arguments")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the batch order (and of data-dependent initialization)")
+                   help="seed of the initial weights, the batch order and the data-dependent "
+                        "initialization (the same seed and data reproduce a run)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="training precision (float64: slower, finer L-BFGS line searches)")
     p.add_argument("--stage", choices=["1", "2", "all"], default="all")
