@@ -88,7 +88,7 @@ def test_training_resumes(trained):
 def test_same_seed_reproduces_a_run_and_another_seed_does_not(dataset, tmp_path):
     """--seed fixes the initial weights as well as the batch order: two fresh runs with the
     same seed end with identical weights, a different seed starts from other weights."""
-    def run(name: str, seed: int) -> dict:
+    def run(name: str, seed: int) -> tuple[dict, dict]:
         torch.manual_seed(1000 + seed + len(name))  # whatever the global RNG held before
         tr = DPWannierTrainer(dataset, tmp_path / name, model_kwargs=SMALL, progress=False,
                               seed=seed)

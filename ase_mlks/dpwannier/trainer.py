@@ -25,7 +25,7 @@ import torch
 from ase_mlks.core.checkpoint import hash_file, load_checkpoint
 from ase_mlks.core.dataset import StructureDataset
 from ase_mlks.core.errors import AseMlksError, CheckpointError
-from ase_mlks.core.training import Trainer, distributed_context
+from ase_mlks.core.training import Trainer, distributed_context, seed_everything
 
 from .data import DPWannierData, Sample, collate, find_hamiltonian_group, merge_datasets
 from .graph import batch_graphs
@@ -308,7 +308,7 @@ class DPWannierTrainer:
             self.h_keys = {k for k in keys if find_hamiltonian_group(ds.group(k)) is not None}
         # Seed before building the model: its initial weights are drawn here, so without
         # this two runs with the same --seed would differ in more than batch order.
-        torch.manual_seed(seed)
+        seed_everything(seed)
         self.model = DPWannierModel(**(model_kwargs or {})).to(dtype)
         self.train_set = DPWannierData(self.data, self.train_keys, self.model)
         self.val_set = DPWannierData(self.data, self.val_keys, self.model) if self.val_keys \
@@ -321,7 +321,6 @@ class DPWannierTrainer:
             self.model.load_state_dict(saved["state_dict"])
             self._apply_data_hparams(saved["data_hparams"])
         else:
-            torch.manual_seed(seed)
             initialize_from_data(self.model, [self.train_set[i]
                                               for i in range(min(16, len(self.train_set)))])
             if init_ff is not None:
