@@ -142,7 +142,7 @@ def test_energy_correction_improves_forces_and_keeps_the_heads(trained, tmp_path
     from ase_mlks.dpwannier.trainer import main
 
     kw = {**SMALL, "ff_correction": True, "correction_embed": [8, 16], "correction_axis": 4,
-          "correction_fit": [16]}
+          "correction_fit": [16], "correction_species_stats": True}
     tr = DPWannierTrainer(trained["data"], tmp_path / "corr", model_kwargs=kw, progress=False,
                           init_model=trained["path"])
     saved = torch.load(trained["path"], weights_only=False)["state_dict"]

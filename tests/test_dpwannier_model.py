@@ -27,7 +27,8 @@ def model(request) -> DPWannierModel:
                        n_radial=8, intra_hidden=(16,), inter_hidden=(8,), onsite_hidden=(16,),
                        bond_invariants=request.param[0], bond_products=request.param[1],
                        interlayer_environment=request.param[2], ff_correction=request.param[3],
-                       correction_embed=(8, 16), correction_axis=4, correction_fit=(16,))
+                       correction_embed=(8, 16), correction_axis=4, correction_fit=(16,),
+                       correction_species_stats=request.param[3])
     m = m.double()
     if m.correction is not None:  # row statistics of a real bilayer; a non-zero output
         rng = np.random.default_rng(5)
@@ -79,7 +80,9 @@ def test_forces_are_minus_energy_gradient(model, atoms):
 def test_stress_is_strain_derivative(model, atoms):
     _, out = run(model, atoms, stress=True)
     sigma = out["stress"][0].detach().numpy()
-    h = 1e-5
+    # Central differences err by ~h^2 E(3)/6: h = 1e-5 left 2e-7 eV/A^3 with the per-species
+    # standardized correction (steeper inputs); round-off at 2e-6 is still < 1e-11.
+    h = 2e-6
     vol = atoms.get_volume()
     for p, q in [(0, 0), (1, 1), (0, 1), (2, 2)]:
         e = []
@@ -188,6 +191,36 @@ def test_monolayer_has_no_interlayer_edges(model):
     g, out = run(model, mono, hamiltonian=True)
     assert int(g.layer.max()) == 0
     assert torch.isfinite(out["hop"]).all()
+
+
+def test_energy_correction_standardizes_each_species():
+    """With per-species statistics each species' standardized correction inputs have zero
+    mean on the data they were set from, and Mo's vary from atom to atom ten times more
+    than when Mo and S share one mean and spread (the pooled spread is set by the Mo-S
+    difference, leaving the Mo net nearly constant inputs)."""
+    rng = np.random.default_rng(5)
+    frames = [bilayer_configuration(rng, size=(2, 2), rattle_probability=1.0, rattle_std=0.05)
+              for _ in range(3)]
+    spread = {}
+    for per_species in (False, True):
+        torch.manual_seed(0)
+        m = DPWannierModel(embed=(8, 16), axis=4, fit=(16, 8), h_cutoff=8.0,
+                           ff_correction=True, correction_embed=(8, 16), correction_axis=4,
+                           correction_fit=(16,), correction_species_stats=per_species).double()
+        g = build_graph(frames, m.species, m.rc, m.h_cutoff, m.areal_density).to(torch.float64)
+        m.set_descriptor_stats(g)
+        c = m.correction
+        vec = m._vectors(g.positions, g.cell, g.batch, g.ff_i, g.ff_j, g.ff_shift)
+        d = c.descriptor(g.species, g.ff_i, g.ff_j, vec)
+        mean, std = (c.d_mean[g.species], c.d_std[g.species]) if per_species else (c.d_mean,
+                                                                                    c.d_std)
+        x = (d - mean) / std
+        mo = x[g.species == m.species.index("Mo")]
+        if per_species:
+            for a in range(len(m.species)):
+                assert x[g.species == a].mean(0).abs().max() < 1e-8
+        spread[per_species] = float(mo.std(0).median())
+    assert spread[True] > 10 * spread[False], spread
 
 
 def test_vacuum_alignment_fit_recovers_polynomial():

@@ -122,7 +122,7 @@ class EnergyCorrection(nn.Module):
     """
 
     def __init__(self, nspecies: int, rc: float, rcs: float, embed: tuple[int, ...],
-                 axis: int, fit: tuple[int, ...], norm: float):
+                 axis: int, fit: tuple[int, ...], norm: float, species_stats: bool = False):
         super().__init__()
         self.descriptor = DPDescriptor(nspecies, rc=rc, rcs=rcs, embed=tuple(embed), axis=axis,
                                        norm=norm, normalize_rows=True)
@@ -130,12 +130,21 @@ class EnergyCorrection(nn.Module):
         for net in self.fit:
             nn.init.zeros_(net[-1].weight)
             nn.init.zeros_(net[-1].bias)
-        self.register_buffer("d_mean", torch.zeros(self.descriptor.dim))
-        self.register_buffer("d_std", torch.ones(self.descriptor.dim))
+        # species_stats: one mean/spread per centre species (rows of d_mean, d_std), as
+        # DeePMD's per-type davg/dstd. Pooled over species, the spread is set by the
+        # difference between Mo and S descriptors, and each net then sees nearly constant
+        # inputs (Mo: 0.04 of the spread within a bilayer), which Adam drives into tanh
+        # saturation (docs/dpwannier.md, sessions 14-15). Off: one pooled row (old models).
+        self.species_stats = species_stats
+        shape = (nspecies, self.descriptor.dim) if species_stats else (self.descriptor.dim,)
+        self.register_buffer("d_mean", torch.zeros(shape))
+        self.register_buffer("d_std", torch.ones(shape))
 
     def forward(self, species: torch.Tensor, edge_i: torch.Tensor, edge_j: torch.Tensor,
                 vectors: torch.Tensor) -> torch.Tensor:
-        x = (self.descriptor(species, edge_i, edge_j, vectors) - self.d_mean) / self.d_std
+        mean, std = ((self.d_mean[species], self.d_std[species]) if self.species_stats
+                     else (self.d_mean, self.d_std))
+        x = (self.descriptor(species, edge_i, edge_j, vectors) - mean) / std
         e = x.new_zeros(len(species))
         for a, net in enumerate(self.fit):
             m = (species == a).nonzero()[:, 0]
@@ -146,12 +155,33 @@ class EnergyCorrection(nn.Module):
     @torch.no_grad()
     def set_stats(self, species: torch.Tensor, edge_i: torch.Tensor, edge_j: torch.Tensor,
                   vectors: torch.Tensor) -> None:
-        """Row statistics, then the descriptor's mean and (floored) spread, from data."""
+        """Row statistics, then the descriptor's mean and (floored) spread, from data.
+
+        With ``species_stats`` each species gets its own row; a species absent from the
+        data (or with one atom) keeps mean 0 and spread 1.
+        """
         self.descriptor.set_row_stats(species, edge_i, vectors)
         d = self.descriptor(species, edge_i, edge_j, vectors)
-        self.d_mean.copy_(d.mean(0))
-        std = d.std(0)
-        self.d_std.copy_(std.clamp_min(STD_FLOOR * float(std.max())))
+        if not self.species_stats:
+            self.d_mean.copy_(d.mean(0))
+            self.d_std.copy_(floored_spread(d))
+            return
+        for a in range(len(self.d_mean)):
+            rows = d[species == a]
+            if len(rows) > 1:
+                self.d_mean[a] = rows.mean(0)
+                self.d_std[a] = floored_spread(rows)
+
+
+def floored_spread(d: torch.Tensor) -> torch.Tensor:
+    """Per-column standard deviation of ``d`` (N, F), floored at STD_FLOOR times the largest.
+
+    D is quadratic in the environment tensor, so its components' spreads span orders of
+    magnitude; dividing a nearly constant one by its own tiny spread would amplify the
+    embedding net's updates ~1e4-fold (training went chaotic). The floor keeps them small.
+    """
+    std = d.std(0)
+    return std.clamp_min(STD_FLOOR * float(std.max()))
 
 
 class DPWannierModel(nn.Module, CheckpointMixin):
@@ -174,7 +204,8 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         core_bands: DFT bands per atom below the manifold (maps model to DFT band indices).
         fit_conduction_bands: conduction bands per atom included in band-energy fits.
         ff_correction: add an ``EnergyCorrection`` (widths ``correction_embed``,
-            ``correction_axis``, ``correction_fit``) to the atomic energies.
+            ``correction_axis``, ``correction_fit``) to the atomic energies;
+            ``correction_species_stats`` standardizes its descriptor per species.
     """
 
     pretrained_prefix = "dpwannier-"
@@ -193,7 +224,8 @@ class DPWannierModel(nn.Module, CheckpointMixin):
                  bond_invariants: bool = False, bond_products: bool = False,
                  interlayer_environment: bool = False, ff_correction: bool = False,
                  correction_embed: tuple[int, ...] = (16, 32), correction_axis: int = 8,
-                 correction_fit: tuple[int, ...] = (64, 64)):
+                 correction_fit: tuple[int, ...] = (64, 64),
+                 correction_species_stats: bool = False):
         super().__init__()
         orbitals = dict(orbitals or {"Mo": "4d", "S": "3p"})
         self.hparams = dict(
@@ -206,7 +238,7 @@ class DPWannierModel(nn.Module, CheckpointMixin):
             bond_invariants=bond_invariants, bond_products=bond_products,
             interlayer_environment=interlayer_environment, ff_correction=ff_correction,
             correction_embed=list(correction_embed), correction_axis=correction_axis,
-            correction_fit=list(correction_fit),
+            correction_fit=list(correction_fit), correction_species_stats=correction_species_stats,
             manifold_electrons=dict(manifold_electrons or {"Mo": 2.0, "S": 6.0}),
             core_bands=dict(core_bands or {"Mo": 4, "S": 1}),
             fit_conduction_bands=dict(fit_conduction_bands or {"Mo": 1, "S": 0}))
@@ -234,7 +266,8 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         self.register_buffer("e_bias", torch.zeros(ns))
         self.register_buffer("e_scale", torch.ones(()))
         self.correction = (EnergyCorrection(ns, rc, rcs, correction_embed, correction_axis,
-                                            correction_fit, env_norm) if ff_correction else None)
+                                            correction_fit, env_norm, correction_species_stats)
+                           if ff_correction else None)
 
         # ---- Hamiltonian heads -----------------------------------------------------
         self.shells = [[(s.l, off) for s, off in zip(
@@ -676,12 +709,8 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         vec = self._vectors(g.positions, g.cell, g.batch, g.ff_i, g.ff_j, g.ff_shift)
         d = self.descriptor(g.species, g.ff_i, g.ff_j, vec.to(self.d_mean.dtype))
         self.d_mean.copy_(d.mean(0))
-        # D is quadratic in the environment tensor, so its components' spreads span orders
-        # of magnitude; dividing a nearly constant one by its own tiny spread amplifies the
-        # embedding net's updates ~1e4-fold and made training chaotic (energies jumping by
-        # 100 meV/atom between epochs). The floor keeps such components small instead.
-        std = d.std(0)
-        self.d_std.copy_(std.clamp_min(STD_FLOOR * float(std.max())))
+        self.d_std.copy_(floored_spread(d))  # (pooled over species: the heads' RAER
+        # depends on this normalization, so it stays as the shipped models have it)
         if self.correction is not None:
             self.correction.set_stats(g.species, g.ff_i, g.ff_j, vec.to(self.d_mean.dtype))
 

@@ -36,10 +36,12 @@ DATA_HPARAMS = ("min_distance",)
 # Head options a trained model can be grown into (DPWannierModel.grow_from).
 GROWABLE = ("bond_products", "interlayer_environment", "ff_correction")
 # The sizes of a growable part: free to choose when the old model lacks that part.
-GROWABLE_SIZES = {"ff_correction": ("correction_embed", "correction_axis", "correction_fit")}
+GROWABLE_SIZES = {"ff_correction": ("correction_embed", "correction_axis", "correction_fit",
+                                    "correction_species_stats")}
 # What defines a force field: these hyper-parameters must agree to reuse one (``init_ff``).
 FF_HPARAMS = ("species", "rc", "rcs", "embed", "axis", "fit", "env_norm", "ff_correction",
-              "correction_embed", "correction_axis", "correction_fit")
+              "correction_embed", "correction_axis", "correction_fit",
+              "correction_species_stats")
 # The force field's trained modules and its data-derived buffers: one definition for both
 # the stage-1 parameters (``ff_parameters``) and what ``init_ff`` copies.
 FF_MODULES = ("descriptor", "fit_hidden", "fit_out", "correction")
