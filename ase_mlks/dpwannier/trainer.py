@@ -423,7 +423,10 @@ class DPWannierTrainer:
         is ignored): on 12 bilayers it reached a training force MAE of 56 meV/Å in 70
         steps, where Adam (batch 1 or full batch, lr 5e-4-3e-3) stalled at 200 meV/Å.
         lr 2e-3 with Adam and batch size 1 drove the tanh fitting net into saturation
-        (constant energy, zero forces) within 20 epochs; 5e-4 trains.
+        (constant energy, zero forces) within 20 epochs; 5e-4 trains. The energy
+        correction is more fragile: Adam at lr 1e-3 moves its embedding (and so its
+        standardized inputs) enough in one epoch to saturate its tanh layer; 1e-4 trains
+        (docs/dpwannier.md, session 15).
         """
         return self._trainer(1, epochs, lr, batch_size, loss_weights={"w_energy": w_energy},
                              correction_only=correction_only, **kw).fit()
