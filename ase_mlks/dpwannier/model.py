@@ -132,9 +132,10 @@ class EnergyCorrection(nn.Module):
             nn.init.zeros_(net[-1].bias)
         # species_stats: one mean/spread per centre species (rows of d_mean, d_std), as
         # DeePMD's per-type davg/dstd. Pooled over species, the spread is set by the
-        # difference between Mo and S descriptors, and each net then sees nearly constant
-        # inputs (Mo: 0.04 of the spread within a bilayer), which Adam drives into tanh
-        # saturation (docs/dpwannier.md, sessions 14-15). Off: one pooled row (old models).
+        # difference between Mo and S descriptors, and each net sees nearly constant inputs
+        # (Mo atoms of one bilayer vary by 0.03 of it; per species 0.13). It does not
+        # stop Adam at lr 1e-3 from saturating the nets (docs/dpwannier.md, session 15).
+        # Off: one pooled row (the shipped model and older checkpoints).
         self.species_stats = species_stats
         shape = (nspecies, self.descriptor.dim) if species_stats else (self.descriptor.dim,)
         self.register_buffer("d_mean", torch.zeros(shape))
@@ -178,7 +179,8 @@ def floored_spread(d: torch.Tensor) -> torch.Tensor:
 
     D is quadratic in the environment tensor, so its components' spreads span orders of
     magnitude; dividing a nearly constant one by its own tiny spread would amplify the
-    embedding net's updates ~1e4-fold (training went chaotic). The floor keeps them small.
+    embedding net's updates ~1e4-fold (training went chaotic: energies jumped by
+    100 meV/atom between epochs). The floor keeps such components small instead.
     """
     std = d.std(0)
     return std.clamp_min(STD_FLOOR * float(std.max()))
