@@ -209,12 +209,8 @@ def test_energy_correction_standardizes_each_species():
                            correction_fit=(16,), correction_species_stats=per_species).double()
         g = build_graph(frames, m.species, m.rc, m.h_cutoff, m.areal_density).to(torch.float64)
         m.set_descriptor_stats(g)
-        c = m.correction
         vec = m._vectors(g.positions, g.cell, g.batch, g.ff_i, g.ff_j, g.ff_shift)
-        d = c.descriptor(g.species, g.ff_i, g.ff_j, vec)
-        mean, std = (c.d_mean[g.species], c.d_std[g.species]) if per_species else (c.d_mean,
-                                                                                    c.d_std)
-        x = (d - mean) / std
+        x = m.correction.standardized(g.species, g.ff_i, g.ff_j, vec)
         mo = x[g.species == m.species.index("Mo")]
         if per_species:
             for a in range(len(m.species)):

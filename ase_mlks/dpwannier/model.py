@@ -141,11 +141,16 @@ class EnergyCorrection(nn.Module):
         self.register_buffer("d_mean", torch.zeros(shape))
         self.register_buffer("d_std", torch.ones(shape))
 
-    def forward(self, species: torch.Tensor, edge_i: torch.Tensor, edge_j: torch.Tensor,
-                vectors: torch.Tensor) -> torch.Tensor:
+    def standardized(self, species: torch.Tensor, edge_i: torch.Tensor, edge_j: torch.Tensor,
+                     vectors: torch.Tensor) -> torch.Tensor:
+        """The fitting nets' inputs (N, M1*M2): the descriptor minus its mean, over its spread."""
         mean, std = ((self.d_mean[species], self.d_std[species]) if self.species_stats
                      else (self.d_mean, self.d_std))
-        x = (self.descriptor(species, edge_i, edge_j, vectors) - mean) / std
+        return (self.descriptor(species, edge_i, edge_j, vectors) - mean) / std
+
+    def forward(self, species: torch.Tensor, edge_i: torch.Tensor, edge_j: torch.Tensor,
+                vectors: torch.Tensor) -> torch.Tensor:
+        x = self.standardized(species, edge_i, edge_j, vectors)
         e = x.new_zeros(len(species))
         for a, net in enumerate(self.fit):
             m = (species == a).nonzero()[:, 0]
@@ -711,8 +716,9 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         vec = self._vectors(g.positions, g.cell, g.batch, g.ff_i, g.ff_j, g.ff_shift)
         d = self.descriptor(g.species, g.ff_i, g.ff_j, vec.to(self.d_mean.dtype))
         self.d_mean.copy_(d.mean(0))
-        self.d_std.copy_(floored_spread(d))  # (pooled over species: the heads' RAER
-        # depends on this normalization, so it stays as the shipped models have it)
+        # Pooled over species, unlike the correction's option: the heads' RAER depends on
+        # this normalization, so it stays as the shipped models have it.
+        self.d_std.copy_(floored_spread(d))
         if self.correction is not None:
             self.correction.set_stats(g.species, g.ff_i, g.ff_j, vec.to(self.d_mean.dtype))
 
