@@ -193,10 +193,11 @@ def bilayer(material: str | Material = "MoS2", size: tuple[int, int] = (1, 1),
 
 
 def bilayer_configuration(rng: np.random.Generator, material: str | Material = "MoS2",
-                          size: tuple[int, int] = (2, 2), stacking: str = "AA",
+                          size: tuple[int, int] | None = None, stacking: str = "AA",
                           gap_range: tuple[float, float] = (-0.3, 0.7),
                           rattle_probability: float = 0.9, rattle_std: float = 0.04,
-                          vacuum: float = 6.0, strain: float = 0.0) -> Atoms:
+                          vacuum: float = 6.0, strain: float = 0.0,
+                          twist: tuple[int, int] | None = None) -> Atoms:
     """One DPWannier-style training configuration of a bilayer supercell.
 
     The top layer is displaced rigidly by a random 3-D vector: in-plane uniformly anywhere in
@@ -208,14 +209,25 @@ def bilayer_configuration(rng: np.random.Generator, material: str | Material = "
     part (ε_xx − ε_yy)/2 and a shear ε_xy, each uniform in [−strain/4, strain/4]. This gives
     the compressed and stretched layers of near-commensurate twisted cells, which unstrained
     configurations never show the force field.
-    atoms.info records shift (fractional), interlayer (Å), rattle_std (0 if not rattled) and,
-    with strain, the strain tensor (eps_xx, eps_yy, eps_xy).
+    ``size`` repeats the primitive cell (default 2x2). With ``twist=(m, n)`` the starting
+    point is instead the commensurate twisted cell :func:`twisted_bilayer` (m, n), repeated
+    ``size`` times (default once), and the in-plane shift is
+    uniform over that whole cell: configurations that show the force field the rotated
+    neighbourhoods of a moiré, which aligned 2x2 cells never do.
+    atoms.info records shift (fractional, of the primitive cell, or of the twisted cell),
+    interlayer (Å), rattle_std (0 if not rattled), twist (m, n) if twisted and, with strain,
+    the strain tensor (eps_xx, eps_yy, eps_xy).
     """
     mat = get_material(material)
     shift = rng.uniform(0.0, 1.0, size=2)
     d = mat.interlayer_distance() + rng.uniform(*gap_range)
-    atoms = bilayer(mat, size=size, stacking=stacking, shift=tuple(shift), interlayer=d,
-                    vacuum=vacuum)
+    size = size or ((2, 2) if twist is None else (1, 1))
+    if twist is None:
+        atoms = bilayer(mat, size=size, stacking=stacking, shift=tuple(shift), interlayer=d,
+                        vacuum=vacuum)
+    else:
+        atoms = _shifted_twisted_bilayer(mat, twist, stacking, shift, d, size, vacuum)
+        atoms.info["twist"] = tuple(int(i) for i in twist)
     std = rattle_std if rng.uniform() < rattle_probability else 0.0
     if std > 0:
         atoms.positions += rng.normal(0.0, std, size=(len(atoms), 3))
@@ -224,6 +236,27 @@ def bilayer_configuration(rng: np.random.Generator, material: str | Material = "
     if strain > 0:
         # drawn after everything else so unstrained configurations of a seed stay the same
         _random_inplane_strain(atoms, rng, strain)
+    return atoms
+
+
+def _shifted_twisted_bilayer(mat: Material, twist: tuple[int, int], stacking: str,
+                             shift: np.ndarray, interlayer: float, size: tuple[int, int],
+                             vacuum: float) -> Atoms:
+    """Twisted cell ``twist`` with its top layer moved in-plane by ``shift`` (fractional)."""
+    m, n = twist
+    atoms = twisted_bilayer(mat, m, n, interlayer=interlayer, vacuum=vacuum, stacking=stacking)
+    top = atoms.get_tags() == 1
+    atoms.positions[top, :2] += np.asarray(shift, float) @ atoms.cell[:2, :2]
+    atoms.wrap()
+    if tuple(size) != (1, 1):
+        tags = atoms.get_tags()
+        atoms = atoms.repeat((*size, 1))
+        atoms.set_tags(np.tile(tags, size[0] * size[1]))
+    # TwistInfo is not a plain value: the generator records (m, n) in info['twist']
+    for key in ("twist", "twist_angle", "strain", "natoms_layers"):
+        atoms.info.pop(key, None)
+    atoms.info.update(twist_angle=twist_angle(m, n), shift=tuple(map(float, shift)),
+                      stacking=stacking)
     return atoms
 
 

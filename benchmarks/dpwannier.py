@@ -11,7 +11,8 @@ Sections (each skipped when its inputs are missing, and said so in the JSON):
 2. unseen twisted bilayers (GPAW fixtures with bands on Γ-M-K-Γ): MAE of the 4 highest
    valence and 4 lowest conduction bands (meV, absolute energies vs vacuum), gap error;
    model relaxation of the cell (max out-of-plane displacement, and vs a GPAW-relaxed
-   structure where the fixture holds one).
+   structure where the fixture holds one); unrelaxed forces and energy vs the fixture's
+   Γ-only SCF and vs the same cell on a 2x2 k-grid (``--twisted-kconv``).
 3. speed side by side: DPWannierCalc energy+forces and band structure on the 42/114-atom
    cells, and one real GPAW LCAO energy+forces (pinned reference settings, nice'd) on the
    cells listed by ``--gpaw``; ratio = GPAW time / model time.
@@ -40,6 +41,8 @@ from ase.dft.kpoints import BandPath
 TWIST = {42: (1, 2), 114: (2, 3), 222: (3, 4)}
 # the paper's near-commensurate cells (docs/reference.md): layer-1 and layer-2 vectors
 RELAX_STEPS = 500
+# E/F of the twisted fixtures' cells with a 2x2 k-grid (theirs are Γ-only; docs/reference.md)
+KCONV_FIXTURE = "tests/data/mos2_twisted_kconv.h5"
 LARGE = {201: ((5, 1), (6, 0)), 1308: ((14, 1), (15, 0))}
 
 
@@ -90,8 +93,10 @@ def _extra(model) -> dict:
 
 
 def _group(key: str) -> str:
-    """'strained' for the strained-cell records (bs*), 'unstrained' for the rest."""
-    return "strained" if key.split(":")[-1].startswith("bs") else "unstrained"
+    """'strained' for the strained-cell records (bs*), 'twisted' for the displaced twisted
+    cells (tw*), 'unstrained' for the rest."""
+    name = key.split(":")[-1]
+    return {"bs": "strained", "tw": "twisted"}.get(name[:2], "unstrained")
 
 
 def heldout(calc, data: Path, out: Path, unseen: list[Path] | None = None,
@@ -227,11 +232,48 @@ def _edge_bands(eps: np.ndarray, nocc: int, nv: int = 4, nc: int = 4) -> np.ndar
     return eps[:, nocc - nv:nocc + nc]
 
 
-def twisted(calc, paths: list[Path], out: Path) -> list[dict]:
+def _kpts_of(rec: dict) -> list[int] | None:
+    """The SCF k-grid a reference record was computed with (from its stored settings)."""
+    settings = rec.get("attrs", {}).get("settings")
+    return json.loads(settings).get("kpts") if settings else None
+
+
+def _force_errors(forces: np.ndarray, energy: float, rec: dict, tag: str) -> dict:
+    """Force MAE (all, z, in-plane; meV/Å) and energy error (meV/atom) against ``rec``."""
+    d = forces - rec["forces"]
+    return {f"force_mae_meV_A_{tag}": 1e3 * float(np.mean(np.abs(d))),
+            f"force_mae_z_meV_A_{tag}": 1e3 * float(np.mean(np.abs(d[:, 2]))),
+            f"force_mae_xy_meV_A_{tag}": 1e3 * float(np.mean(np.abs(d[:, :2]))),
+            f"energy_error_meV_atom_{tag}": 1e3 * (energy - float(rec["energy"])) / len(d),
+            f"reference_kpts_{tag}": _kpts_of(rec)}
+
+
+def _kconverged_errors(forces: np.ndarray, energy: float, rec: dict,
+                       kconv: dict[str, dict]) -> dict:
+    """The same cell against a denser-k reference, and that reference against the fixture's.
+
+    The twisted fixtures' SCFs are Γ-only (like their GPAW relaxations); the training cells
+    use a 3x3 grid on 2x2 cells. How far the Γ-only forces themselves are from k-converged
+    ones bounds what the fixture's force MAE can show.
+    """
+    ref = kconv.get(rec["key"])
+    if ref is None:
+        return {}
+    if not np.allclose(ref["positions"], rec["positions"], atol=1e-6):
+        raise ValueError(f"{ref['file']}: {rec['key']} is not the fixture's structure")
+    out = _force_errors(forces, energy, ref, "kconv")
+    gamma_vs_k = _force_errors(rec["forces"], float(rec["energy"]), ref, "fixture_vs_kconv")
+    out.update({k: v for k, v in gamma_vs_k.items() if not k.startswith("reference_kpts")})
+    return out
+
+
+def twisted(calc, paths: list[Path], out: Path,
+            kconv_paths: list[Path] | None = None) -> list[dict]:
     from ase.optimize import BFGS
 
     from ase_mlks.core.errors import StructureError
 
+    kconv = {r["key"]: r for r in _fixture_records(kconv_paths or [])}
     results = []
     for rec in _fixture_records(paths):
         atoms = rec["atoms"]
@@ -258,8 +300,10 @@ def twisted(calc, paths: list[Path], out: Path) -> list[dict]:
             _plot_bands(kpts, ref, mine, atoms, out / f"dpwannier_bands_{rec['key']}.png")
         row.update(_twisted_h_errors(calc, rec))
         if "forces" in rec:
-            f = calc.get_forces(atoms)
+            f, e = calc.get_forces(atoms), calc.get_potential_energy(atoms)
             row["force_mae_meV_A_unrelaxed"] = 1e3 * float(np.mean(np.abs(f - rec["forces"])))
+            row.update(_force_errors(f, e, rec, "fixture"))
+            row.update(_kconverged_errors(f, e, rec, kconv))
         relaxed = atoms.copy()
         relaxed.calc = calc
         z0 = atoms.positions[:, 2].copy()
@@ -533,7 +577,7 @@ def _table(res: dict) -> str:
         lines.append(f"held-out bilayers ({h['n_structures']}; trained on {h['n_train']}): "
                      f"E {h['energy_mae_meV_atom']:.2f} meV/atom | F {h['force_mae_meV_A']:.1f}"
                      f" meV/Å | H {h.get('h_mae_meV', float('nan')):.2f} meV")
-        for name in ("unstrained", "strained"):
+        for name in ("unstrained", "strained", "twisted"):
             if f"{name}_n" in h:
                 lines.append(f"  {name} ({h[f'{name}_n']}): E "
                              f"{h[f'{name}_energy_mae_meV_atom']:.2f} meV/atom | F "
@@ -547,6 +591,18 @@ def _table(res: dict) -> str:
                      f"{r.get('band_mae_meV', float('nan')):.0f} meV, gap error "
                      f"{r.get('gap_error_meV', float('nan')):.0f} meV, relax max dz "
                      f"{r['relax_max_dz_A']:.3f} Å")
+        if "force_mae_meV_A_fixture" in r:
+            lines.append(f"  unrelaxed: F {r['force_mae_meV_A_fixture']:.1f} meV/Å (z "
+                         f"{r['force_mae_z_meV_A_fixture']:.1f}), E "
+                         f"{r['energy_error_meV_atom_fixture']:+.1f} meV/atom vs the fixture "
+                         f"(k {r['reference_kpts_fixture']})")
+        if "force_mae_meV_A_kconv" in r:
+            lines.append(f"  unrelaxed: F {r['force_mae_meV_A_kconv']:.1f} meV/Å (z "
+                         f"{r['force_mae_z_meV_A_kconv']:.1f}), E "
+                         f"{r['energy_error_meV_atom_kconv']:+.1f} meV/atom vs k "
+                         f"{r['reference_kpts_kconv']}; fixture vs k {r['reference_kpts_kconv']}"
+                         f": F {r['force_mae_meV_A_fixture_vs_kconv']:.1f} meV/Å, E "
+                         f"{r['energy_error_meV_atom_fixture_vs_kconv']:+.1f} meV/atom")
         if "interlayer_MoMo_gpaw_A" in r:
             lines.append("  vs GPAW relaxation: Mo-Mo interlayer "
                          f"{r['interlayer_MoMo_start_A']:.3f}"
@@ -587,7 +643,10 @@ def main() -> None:
     p.add_argument("--heldout-from", default=None,
                    help="score on this checkpoint's held-out split instead of the model's own")
     p.add_argument("--twisted", nargs="*", default=None,
-                   help="HDF5 fixtures with twisted bilayers (default: tests/data/*.h5)")
+                   help="HDF5 fixtures with twisted bilayers (default: tests/data/*.h5 but "
+                        "the k-converged ones)")
+    p.add_argument("--twisted-kconv", nargs="*", default=[KCONV_FIXTURE],
+                   help="energies/forces of the same twisted cells on a denser k-grid")
     p.add_argument("--gpaw", type=int, nargs="*", default=[42],
                    help="cells (42, 114) on which GPAW runs side by side")
     p.add_argument("--large", type=int, nargs="*", default=[201, 1308])
@@ -622,8 +681,9 @@ def main() -> None:
                                  keys_from=args.heldout_from)
     if "twisted" not in args.skip:
         paths = [Path(x) for x in (args.twisted if args.twisted is not None
-                                   else sorted(Path("tests/data").glob("*.h5")))]
-        res["twisted"] = twisted(calc, paths, out)
+                                   else sorted(set(Path("tests/data").glob("*.h5"))
+                                               - {Path(KCONV_FIXTURE)}))]
+        res["twisted"] = twisted(calc, paths, out, [Path(x) for x in args.twisted_kconv])
     if "speed" not in args.skip:
         res["speed"] = speed(calc, args.gpaw)
     if "large" not in args.skip:

@@ -359,3 +359,30 @@ def test_monolayer_items_are_distorted_and_reproducible_per_index():
         assert d[np.triu_indices(3, 1)].min() > 2.0  # distorted, not broken
     a, b = list(items.values())[:2]
     assert not np.allclose(a.positions, b.positions)
+
+
+def test_cli_bilayer_twist_builds_twisted_configurations(tmp_path, monkeypatch):
+    """`bilayer --twist M N` hands run_dataset twisted 42-atom cells, Γ-only by default."""
+    from ase_mlks.reference import __main__ as cli
+    from ase_mlks.reference import pipeline
+
+    pytest.importorskip("gpaw")
+    seen = {}
+
+    def capture(path, items, settings, options, **kwargs):
+        seen.update(items=list(items), settings=settings)
+        return []
+
+    monkeypatch.setattr(pipeline, "run_dataset", capture)
+    out = str(tmp_path / "tw.h5")
+    assert cli.main(["bilayer", "--twist", "1", "2", "--stacking", "AA'", "--count", "2",
+                     "--prefix", "tw", "--no-wannier", "--out", out]) == 0
+    keys = [k for k, _ in seen["items"]]
+    assert keys == ["tw00000", "tw00001"]
+    assert all(len(a) == 42 and a.info["twist"] == (1, 2) for _, a in seen["items"])
+    assert tuple(seen["settings"].kpts) == (1, 1)
+    assert cli.main(["bilayer", "--twist", "1", "2", "--kpts", "2", "2", "--count", "1",
+                     "--no-wannier", "--out", out]) == 0
+    assert tuple(seen["settings"].kpts) == (2, 2)
+    assert cli.main(["bilayer", "--count", "1", "--no-wannier", "--out", out]) == 0
+    assert len(seen["items"][0][1]) == 24 and tuple(seen["settings"].kpts) == (3, 3)

@@ -88,3 +88,25 @@ def test_relaxation_resumes_from_its_workdir(tmp_path):
     assert np.abs(first.positions - atoms.positions).max() > 1e-4
     with pytest.raises(AseMlksError, match="another structure"):
         relax_structure(atoms[:2], tmp_path, settings, steps=1)
+
+
+def test_kconverged_twisted_fixture_matches_the_gamma_only_fixtures():
+    """tests/data/mos2_twisted_kconv.h5 holds the twisted fixtures' cells on a denser k-grid:
+    the same atoms and the same settings but k, so the benchmark compares like with like."""
+    kconv = DATA / "mos2_twisted_kconv.h5"
+    with StructureDataset(kconv, "r") as ds:
+        keys = ds.keys()
+        dense = {k: ds.read(k) for k in keys}
+    assert keys, "no records in the k-converged fixture"
+    for key, rec in dense.items():
+        m, n = key.split("_")[-2:]
+        with StructureDataset(DATA / f"mos2_twisted_{m}_{n}.h5", "r") as ds:
+            gamma = ds.read(key)
+        np.testing.assert_allclose(rec["positions"], gamma["positions"], atol=1e-9)
+        np.testing.assert_allclose(rec["cell"], gamma["cell"], atol=1e-9)
+        assert list(rec["numbers"]) == list(gamma["numbers"])
+        s_dense = json.loads(rec["attrs"]["settings"])
+        s_gamma = json.loads(gamma["attrs"]["settings"])
+        assert s_gamma["kpts"] == [1, 1] and min(s_dense["kpts"]) >= 2
+        assert {k: v for k, v in s_dense.items() if k != "kpts"} == \
+            {k: v for k, v in s_gamma.items() if k != "kpts"}

@@ -147,3 +147,33 @@ def test_apply_inplane_strain_rejects_non_symmetric_tensor():
     atoms = bilayer("MoS2")
     with pytest.raises(StructureError, match="symmetric"):
         apply_inplane_strain(atoms, np.array([[0.01, 0.02], [0.0, 0.01]]))
+
+
+@pytest.mark.parametrize("stacking", ["AA", "AA'"])
+def test_twisted_configuration_is_the_twisted_cell_with_its_top_layer_moved(stacking):
+    rng = np.random.default_rng([21, 3])
+    conf = bilayer_configuration(rng, twist=(1, 2), stacking=stacking, rattle_probability=0.0)
+    d = conf.info["interlayer"]
+    cell = twisted_bilayer("MoS2", 1, 2, interlayer=d, stacking=stacking)
+    assert len(conf) == 42 and conf.info["twist"] == (1, 2)
+    assert conf.info["twist_angle"] == pytest.approx(21.787, abs=1e-3)
+    assert np.allclose(conf.cell[:], cell.cell[:])
+    assert list(conf.get_tags()) == list(cell.get_tags())
+    top = cell.get_tags() == 1
+    moved = cell.positions.copy()
+    moved[top, :2] += np.array(conf.info["shift"]) @ cell.cell[:2, :2]
+    # equal up to lattice vectors of the twisted cell
+    frac = np.linalg.solve(cell.cell[:].T, (conf.positions - moved).T).T
+    assert np.allclose(frac - np.round(frac), 0.0, atol=1e-9)
+    assert 6.15 - 0.3 <= d <= 6.15 + 0.7
+    assert min_distance(conf) > 2.3
+
+
+def test_twisted_configurations_cover_the_cell_and_repeat():
+    confs = [bilayer_configuration(np.random.default_rng([21, i]), twist=(1, 2)) for i in range(12)]
+    shifts = np.array([c.info["shift"] for c in confs])
+    assert shifts.std(axis=0).min() > 0.15
+    big = bilayer_configuration(np.random.default_rng([21, 0]), twist=(1, 2), size=(2, 1))
+    assert len(big) == 84 and np.bincount(big.get_tags()).tolist() == [42, 42]
+    with pytest.raises(StructureError, match="no commensurate twisted cell"):
+        bilayer_configuration(np.random.default_rng(0), twist=(2, 2))

@@ -112,13 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bilayer", help="randomly displaced bilayer configurations")
     _common(p)
     p.add_argument("--material", default="MoS2")
-    p.add_argument("--supercell", type=int, nargs=2, default=(2, 2))
+    p.add_argument("--supercell", type=int, nargs=2, default=None,
+                   help="repeats of the primitive cell (default 2 2), or of the twisted "
+                        "cell with --twist (default 1 1)")
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stacking", default="AA")
     p.add_argument("--strain", type=float, default=0.0,
                    help="max in-plane strain of the cell (e.g. 0.08 for ±8 %%)")
+    p.add_argument("--twist", type=int, nargs=2, default=None, metavar=("M", "N"),
+                   help="start from the commensurate twisted cell (M, N) instead of an "
+                        "aligned one (e.g. 1 2 with --stacking \"AA'\": 21.79°, 2H-type)")
     p.add_argument("--prefix", default="bl", help="record names: PREFIX + 5-digit index")
     p = sub.add_parser("monolayer", help="monolayers of 2D materials")
     _common(p)
@@ -222,15 +227,20 @@ def _run(args, command: str) -> int:
                        command=command)
         return 0
     if args.cmd == "bilayer":
+        twist = tuple(args.twist) if args.twist else None
+        size = tuple(args.supercell or ((1, 1) if twist else (2, 2)))
         items = list(pipeline.bilayer_items(args.start, args.count, seed=args.seed,
-                                            material=args.material,
-                                            size=tuple(args.supercell),
-                                            stacking=args.stacking,
-                                            strain=args.strain, prefix=args.prefix))
-        n = max(args.supercell)
-        settings = _settings(args, (max(1, 6 // n), max(1, 6 // n)))
+                                            material=args.material, size=size,
+                                            stacking=args.stacking, strain=args.strain,
+                                            twist=twist, prefix=args.prefix))
         basis = _basis_for(items[0][1])
-        options = _options(args, basis, (12 // n, 12 // n))
+        if twist is None:
+            n = max(size)
+            settings = _settings(args, (max(1, 6 // n), max(1, 6 // n)))
+            options = _options(args, basis, (12 // n, 12 // n))
+        else:  # as the 'twisted' command: Γ-only SCF unless --kpts says otherwise
+            settings = _settings(args, (1, 1))
+            options = _options(args, basis, None)
     elif args.cmd == "monolayer":
         from ..structures import monolayer
 
