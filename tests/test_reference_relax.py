@@ -110,3 +110,24 @@ def test_kconverged_twisted_fixture_matches_the_gamma_only_fixtures():
         assert s_gamma["kpts"] == [1, 1] and min(s_dense["kpts"]) >= 2
         assert {k: v for k, v in s_dense.items() if k != "kpts"} == \
             {k: v for k, v in s_gamma.items() if k != "kpts"}
+
+
+def test_relax_start_from_takes_another_records_relaxed_positions(tmp_path):
+    """`relax --start-from FILE` begins at FILE's relaxed geometry of the same structure,
+    and refuses a file without a relaxation or with other atoms."""
+    from ase_mlks.reference.__main__ import _relaxed_positions_of
+
+    path = tmp_path / "mono.h5"
+    shutil.copyfile(DATA / "mos2_monolayer.h5", path)
+    with StructureDataset(path, "r") as ds:
+        atoms = ds.read("monolayer_MoS2")["atoms"]
+    with pytest.raises(AseMlksError, match="no GPAW relaxation"):
+        _relaxed_positions_of(str(path), "monolayer_MoS2", atoms)
+    res = _result(len(atoms))
+    store_relaxation(path, "monolayer_MoS2", res, FAST, 0.05, command="test")
+    np.testing.assert_array_equal(_relaxed_positions_of(str(path), "monolayer_MoS2", atoms),
+                                  res.positions)
+    with pytest.raises(AseMlksError, match="another structure"):
+        _relaxed_positions_of(str(path), "monolayer_MoS2", atoms.repeat((2, 1, 1)))
+    with pytest.raises(AseMlksError, match="no record"):
+        _relaxed_positions_of(str(path), "nope", atoms)

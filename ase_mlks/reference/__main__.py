@@ -22,6 +22,8 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
+
 from ..core.errors import AseMlksError
 
 
@@ -165,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-d3", action="store_true", help="skip D3 dispersion")
     p.add_argument("--txt", default=None, help="GPAW text log")
     p.add_argument("--mpi", type=int, default=0, help="re-run under 'gpaw -P N'")
+    p.add_argument("--start-from", default=None, metavar="FILE",
+                   help="start from FILE's GPAW-relaxed positions of the same key (e.g. "
+                        "to redo a Γ-only relaxation on a denser k-grid)")
     p = sub.add_parser("summary", help="table of what an output file holds")
     p.add_argument("files", nargs="+")
     p = sub.add_parser("repack", help="rewrite files compactly (small arrays uncompressed)")
@@ -297,6 +302,24 @@ def _gw_study(args) -> int:
     return 0
 
 
+def _relaxed_positions_of(path: str, key: str, atoms) -> np.ndarray:
+    """GPAW-relaxed positions of ``key`` in ``path``, checked to belong to ``atoms``."""
+    from ..core.dataset import StructureDataset
+
+    with StructureDataset(path, "r") as ds:
+        if key not in ds:
+            raise AseMlksError(f"no record {key!r} in {path}")
+        other = ds.read(key)
+    if "relaxed_positions" not in other:
+        raise AseMlksError(f"{path}: {key} holds no GPAW relaxation to start from")
+    same = (len(other["numbers"]) == len(atoms)
+            and np.array_equal(other["numbers"], atoms.numbers)
+            and np.allclose(other["cell"], atoms.cell[:], atol=1e-6))
+    if not same:
+        raise AseMlksError(f"{path}: {key} is another structure (atoms or cell differ)")
+    return np.asarray(other["relaxed_positions"], float)
+
+
 def _relax(args, command: str) -> int:
     from ..core.dataset import StructureDataset
     from .relax import relax_structure, store_relaxation
@@ -306,6 +329,8 @@ def _relax(args, command: str) -> int:
             raise SystemExit(f"error: no record {args.key!r} in {args.record}")
         rec = ds.read(args.key)
     atoms = rec["atoms"]
+    if args.start_from:
+        atoms.positions = _relaxed_positions_of(args.start_from, args.key, atoms)
     # the k-grid of the record's own SCF, so that relaxed and stored forces agree
     stored = json.loads(rec["attrs"].get("settings", "{}"))
     settings = _settings(args, tuple(stored.get("kpts", (1, 1))))
