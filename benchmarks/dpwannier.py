@@ -319,6 +319,10 @@ def twisted(calc, paths: list[Path], out: Path,
             row.update(_compare_relaxations(atoms, relaxed, rec))
         else:
             row["relaxed_vs_gpaw"] = "no GPAW-relaxed structure in the fixture"
+        dense = kconv.get(rec["key"], {})
+        if "relaxed_positions" in dense:  # the same relaxation on the denser k-grid
+            row.update({f"{k}_kconv": v for k, v in
+                        _compare_relaxations(atoms, relaxed, dense).items()})
         results.append(row)
     return results
 
@@ -333,6 +337,20 @@ def _interlayer_mo_distance(atoms) -> float:
     return float(z[mo & (layer == layer.max())].mean() - z[mo & (layer == layer.min())].mean())
 
 
+def _s_layer_thickness(atoms) -> float:
+    """Mean vertical S–S distance within a layer (Å): where Γ-only forces err (z of S)."""
+    from ase_mlks.core.graph import assign_layers
+
+    layer = assign_layers(atoms)
+    z = atoms.positions[:, 2]
+    out = []
+    for n in np.unique(layer):
+        zs = np.sort(z[(layer == n) & (atoms.numbers == 16)])
+        half = len(zs) // 2
+        out.append(zs[half:].mean() - zs[:half].mean())
+    return float(np.mean(out))
+
+
 def _compare_relaxations(start, model_relaxed, rec: dict) -> dict:
     """Model relaxation vs the GPAW one from the same start: interlayer distance, the
     atomic displacements (rigid translation removed) and the relaxation energies."""
@@ -344,7 +362,9 @@ def _compare_relaxations(start, model_relaxed, rec: dict) -> dict:
            "relaxed_vs_gpaw_rmsd_A": float(np.sqrt((d ** 2).sum(axis=1).mean())),
            "interlayer_MoMo_start_A": _interlayer_mo_distance(start),
            "interlayer_MoMo_gpaw_A": _interlayer_mo_distance(gpaw),
-           "interlayer_MoMo_model_A": _interlayer_mo_distance(model_relaxed)}
+           "interlayer_MoMo_model_A": _interlayer_mo_distance(model_relaxed),
+           "S_thickness_gpaw_A": _s_layer_thickness(gpaw),
+           "S_thickness_model_A": _s_layer_thickness(model_relaxed)}
     if "relaxed_energy" in rec and "energy" in rec:
         out["relax_energy_gpaw_meV"] = 1e3 * float(rec["relaxed_energy"] - rec["energy"])
         out["relax_energy_model_meV"] = 1e3 * float(model_relaxed.get_potential_energy()
@@ -611,6 +631,15 @@ def _table(res: dict) -> str:
                          f"{r['relaxed_vs_gpaw_rmsd_A']:.3f} Å; relaxation energy GPAW "
                          f"{r.get('relax_energy_gpaw_meV', float('nan')):.0f} / model "
                          f"{r.get('relax_energy_model_meV', float('nan')):.0f} meV")
+        if "interlayer_MoMo_gpaw_A_kconv" in r:
+            lines.append("  vs GPAW relaxation on the denser k-grid: Mo-Mo GPAW "
+                         f"{r['interlayer_MoMo_gpaw_A_kconv']:.3f} / model "
+                         f"{r['interlayer_MoMo_model_A_kconv']:.3f} Å; S-S thickness GPAW "
+                         f"{r['S_thickness_gpaw_A_kconv']:.3f} / model "
+                         f"{r['S_thickness_model_A_kconv']:.3f} Å; RMSD "
+                         f"{r['relaxed_vs_gpaw_rmsd_A_kconv']:.3f} Å; relaxation energy GPAW "
+                         f"{r.get('relax_energy_gpaw_meV_kconv', float('nan')):.0f} / model "
+                         f"{r.get('relax_energy_model_meV_kconv', float('nan')):.0f} meV")
     lines.append(f"{'natoms':>7} {'model E+F s':>12} {'model bands s':>14} {'GPAW E+F s':>11}"
                  f" {'ratio':>8}")
     for r in res.get("speed", []):
