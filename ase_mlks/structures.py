@@ -227,7 +227,6 @@ def bilayer_configuration(rng: np.random.Generator, material: str | Material = "
                         vacuum=vacuum)
     else:
         atoms = _shifted_twisted_bilayer(mat, twist, stacking, shift, d, size, vacuum)
-        atoms.info["twist"] = tuple(int(i) for i in twist)
     std = rattle_std if rng.uniform() < rattle_probability else 0.0
     if std > 0:
         atoms.positions += rng.normal(0.0, std, size=(len(atoms), 3))
@@ -248,14 +247,12 @@ def _shifted_twisted_bilayer(mat: Material, twist: tuple[int, int], stacking: st
     top = atoms.get_tags() == 1
     atoms.positions[top, :2] += np.asarray(shift, float) @ atoms.cell[:2, :2]
     atoms.wrap()
-    if tuple(size) != (1, 1):
-        tags = atoms.get_tags()
-        atoms = atoms.repeat((*size, 1))
-        atoms.set_tags(np.tile(tags, size[0] * size[1]))
-    # TwistInfo is not a plain value: the generator records (m, n) in info['twist']
-    for key in ("twist", "twist_angle", "strain", "natoms_layers"):
+    atoms = atoms.repeat((*size, 1))  # tags (the layers) repeat with the atoms
+    # info['twist'] becomes the plain (m, n), not a TwistInfo; 'strain' is left to the random
+    # strain tensor, and the per-layer atom counts would be wrong after the repeat
+    for key in ("strain", "natoms_layers"):
         atoms.info.pop(key, None)
-    atoms.info.update(twist_angle=twist_angle(m, n), shift=tuple(map(float, shift)),
+    atoms.info.update(twist=(int(m), int(n)), shift=tuple(map(float, shift)),
                       stacking=stacking)
     return atoms
 
