@@ -10,7 +10,12 @@ import pytest
 
 from ase_mlks.core.dataset import StructureDataset
 from ase_mlks.core.errors import AseMlksError
-from ase_mlks.reference.relax import RelaxResult, relax_structure, store_relaxation
+from ase_mlks.reference.relax import (
+    RelaxResult,
+    relax_structure,
+    relaxed_positions_of,
+    store_relaxation,
+)
 from ase_mlks.reference.settings import FAST
 
 DATA = Path(__file__).parent / "data"
@@ -115,19 +120,17 @@ def test_kconverged_twisted_fixture_matches_the_gamma_only_fixtures():
 def test_relax_start_from_takes_another_records_relaxed_positions(tmp_path):
     """`relax --start-from FILE` begins at FILE's relaxed geometry of the same structure,
     and refuses a file without a relaxation or with other atoms."""
-    from ase_mlks.reference.__main__ import _relaxed_positions_of
-
     path = tmp_path / "mono.h5"
     shutil.copyfile(DATA / "mos2_monolayer.h5", path)
     with StructureDataset(path, "r") as ds:
         atoms = ds.read("monolayer_MoS2")["atoms"]
     with pytest.raises(AseMlksError, match="no GPAW relaxation"):
-        _relaxed_positions_of(str(path), "monolayer_MoS2", atoms)
+        relaxed_positions_of(str(path), "monolayer_MoS2", atoms)
     res = _result(len(atoms))
     store_relaxation(path, "monolayer_MoS2", res, FAST, 0.05, command="test")
-    np.testing.assert_array_equal(_relaxed_positions_of(str(path), "monolayer_MoS2", atoms),
+    np.testing.assert_array_equal(relaxed_positions_of(str(path), "monolayer_MoS2", atoms),
                                   res.positions)
     with pytest.raises(AseMlksError, match="another structure"):
-        _relaxed_positions_of(str(path), "monolayer_MoS2", atoms.repeat((2, 1, 1)))
+        relaxed_positions_of(str(path), "monolayer_MoS2", atoms.repeat((2, 1, 1)))
     with pytest.raises(AseMlksError, match="no record"):
-        _relaxed_positions_of(str(path), "nope", atoms)
+        relaxed_positions_of(str(path), "nope", atoms)

@@ -22,8 +22,6 @@ import shlex
 import subprocess
 import sys
 
-import numpy as np
-
 from ..core.errors import AseMlksError
 
 
@@ -233,14 +231,14 @@ def _run(args, command: str) -> int:
         return 0
     if args.cmd == "bilayer":
         twist = tuple(args.twist) if args.twist else None
-        size = tuple(args.supercell or ((1, 1) if twist else (2, 2)))
+        size = tuple(args.supercell) if args.supercell else None  # the generator's default
         items = list(pipeline.bilayer_items(args.start, args.count, seed=args.seed,
                                             material=args.material, size=size,
                                             stacking=args.stacking, strain=args.strain,
                                             twist=twist, prefix=args.prefix))
         basis = _basis_for(items[0][1])
-        if twist is None:
-            n = max(size)
+        if twist is None:  # k-grids scaled to the aligned supercell: 6x6 SCF per primitive
+            n = max(size or (2, 2))
             settings = _settings(args, (max(1, 6 // n), max(1, 6 // n)))
             options = _options(args, basis, (12 // n, 12 // n))
         else:  # as the 'twisted' command: Γ-only SCF unless --kpts says otherwise
@@ -302,27 +300,9 @@ def _gw_study(args) -> int:
     return 0
 
 
-def _relaxed_positions_of(path: str, key: str, atoms) -> np.ndarray:
-    """GPAW-relaxed positions of ``key`` in ``path``, checked to belong to ``atoms``."""
-    from ..core.dataset import StructureDataset
-
-    with StructureDataset(path, "r") as ds:
-        if key not in ds:
-            raise AseMlksError(f"no record {key!r} in {path}")
-        other = ds.read(key)
-    if "relaxed_positions" not in other:
-        raise AseMlksError(f"{path}: {key} holds no GPAW relaxation to start from")
-    same = (len(other["numbers"]) == len(atoms)
-            and np.array_equal(other["numbers"], atoms.numbers)
-            and np.allclose(other["cell"], atoms.cell[:], atol=1e-6))
-    if not same:
-        raise AseMlksError(f"{path}: {key} is another structure (atoms or cell differ)")
-    return np.asarray(other["relaxed_positions"], float)
-
-
 def _relax(args, command: str) -> int:
     from ..core.dataset import StructureDataset
-    from .relax import relax_structure, store_relaxation
+    from .relax import relax_structure, relaxed_positions_of, store_relaxation
 
     with StructureDataset(args.record, "r") as ds:
         if args.key not in ds:
@@ -330,7 +310,7 @@ def _relax(args, command: str) -> int:
         rec = ds.read(args.key)
     atoms = rec["atoms"]
     if args.start_from:
-        atoms.positions = _relaxed_positions_of(args.start_from, args.key, atoms)
+        atoms.positions = relaxed_positions_of(args.start_from, args.key, atoms)
     # the k-grid of the record's own SCF, so that relaxed and stored forces agree
     stored = json.loads(rec["attrs"].get("settings", "{}"))
     settings = _settings(args, tuple(stored.get("kpts", (1, 1))))

@@ -23,7 +23,8 @@ from ..core.errors import AseMlksError
 from .groundstate import check_slab
 from .settings import DEFAULT, LCAOSettings, require_gpaw, versions
 
-__all__ = ["RelaxResult", "reference_calculator", "relax_structure", "store_relaxation"]
+__all__ = ["RelaxResult", "reference_calculator", "relax_structure", "relaxed_positions_of",
+           "store_relaxation"]
 
 
 @dataclass
@@ -133,3 +134,22 @@ def store_relaxation(path: str | Path, key: str, result: RelaxResult,
             g.attrs["relaxation"] = json.dumps({
                 **meta, "fmax_target": fmax_target, "optimizer": "ase BFGS (cell fixed)",
                 "settings": settings.todict(), "versions": versions(), "command": command})
+
+
+def relaxed_positions_of(path: str | Path, key: str, atoms: Atoms) -> np.ndarray:
+    """GPAW-relaxed positions (Å, (N, 3)) that :func:`store_relaxation` wrote into record
+    ``key`` of ``path``, checked to belong to ``atoms`` (same atoms, same cell)."""
+    from ..core.dataset import StructureDataset
+
+    with StructureDataset(path, "r") as ds:
+        if key not in ds:
+            raise AseMlksError(f"no record {key!r} in {path}")
+        other = ds.read(key)
+    if "relaxed_positions" not in other:
+        raise AseMlksError(f"{path}: {key} holds no GPAW relaxation to start from")
+    same = (len(other["numbers"]) == len(atoms)
+            and np.array_equal(other["numbers"], atoms.numbers)
+            and np.allclose(other["cell"], atoms.cell[:], atol=1e-6))
+    if not same:
+        raise AseMlksError(f"{path}: {key} is another structure (atoms or cell differ)")
+    return np.asarray(other["relaxed_positions"], float)
