@@ -386,3 +386,33 @@ def test_cli_bilayer_twist_builds_twisted_configurations(tmp_path, monkeypatch):
     assert tuple(seen["settings"].kpts) == (2, 2)
     assert cli.main(["bilayer", "--count", "1", "--no-wannier", "--out", out]) == 0
     assert len(seen["items"][0][1]) == 24 and tuple(seen["settings"].kpts) == (3, 3)
+
+
+def test_cli_twisted_stacking_names_the_record(tmp_path, monkeypatch):
+    """`twisted --stacking "AA'"` builds the 2H-type cell under its own record name; the
+    AA-type keeps the name the existing fixtures use."""
+    from ase_mlks.reference import __main__ as cli
+    from ase_mlks.reference import pipeline
+    from ase_mlks.structures import twisted_bilayer
+
+    pytest.importorskip("gpaw")
+    seen = {}
+
+    def capture(path, items, settings, options, **kwargs):
+        seen.update(items=list(items), settings=settings)
+        return []
+
+    monkeypatch.setattr(pipeline, "run_dataset", capture)
+    out = str(tmp_path / "tw.h5")
+    for stacking, key in (("AA", "twisted_MoS2_1_2"), ("AA'", "twisted_MoS2_1_2_AAp")):
+        assert cli.main(["twisted", "--index", "1", "2", "--stacking", stacking,
+                         "--no-wannier", "--out", out]) == 0
+        [(name, atoms)] = seen["items"]
+        assert name == key
+        expected = twisted_bilayer("MoS2", 1, 2, stacking=stacking)
+        np.testing.assert_allclose(atoms.positions, expected.positions)
+        assert tuple(seen["settings"].kpts) == (1, 1)
+    aa = twisted_bilayer("MoS2", 1, 2)
+    assert not np.allclose(atoms.positions, aa.positions)  # a different structure
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        cli.main(["twisted", "--stacking", "AB", "--out", out])

@@ -83,7 +83,7 @@ def test_distorted_monolayer_ao_set_reproduces_gpaw_bands():
 
 
 @pytest.mark.parametrize("name", ["mos2_bilayer_2x2.h5", "mos2_twisted_1_2.h5",
-                                  "mos2_twisted_2_3.h5"])
+                                  "mos2_twisted_1_2_aap.h5", "mos2_twisted_2_3.h5"])
 def test_fixture_schema_and_physics(name):
     path = need(DATA / name)
     with StructureDataset(path, "r") as ds:

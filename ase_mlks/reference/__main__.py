@@ -5,6 +5,7 @@ Examples::
     python -m ase_mlks.reference bilayer --out data/mos2_bilayer.h5 --start 0 --count 100
     python -m ase_mlks.reference monolayer --materials MoS2 WS2 --out tests/data/ref.h5
     python -m ase_mlks.reference twisted --index 1 2 --out tests/data/ref.h5 --gamma
+    python -m ase_mlks.reference twisted --index 1 2 --stacking "AA'" --out tests/data/ref.h5
     python -m ase_mlks.reference gw --materials MoS2 MoSe2 --out data/gw_monolayers.h5
 
 Every command skips structures already complete in ``--out`` (resume). ``--workers N``
@@ -91,6 +92,12 @@ def _options(args, basis, wannier_kpts, selection="weight"):
         localization_steps=args.localize)
 
 
+def twisted_key(material: str, m: int, n: int, stacking: str = "AA") -> str:
+    """Record name of a twisted cell; the AA-type keeps the name older files use."""
+    suffix = {"AA": "", "AA'": "_AAp"}[stacking]
+    return f"twisted_{material}_{m}_{n}{suffix}"
+
+
 def _basis_for(atoms) -> dict:
     from .wannier import TMD_BASIS
 
@@ -139,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     _common(p)
     p.add_argument("--material", default="MoS2")
     p.add_argument("--index", type=int, nargs=2, default=(1, 2))
+    p.add_argument("--stacking", default="AA", choices=("AA", "AA'"),
+                   help="AA: layer 2 rotated about a shared metal site (record "
+                        "twisted_<material>_<m>_<n>); AA': layer 2 inverted first, the 2H-type "
+                        "family (record name + '_AAp')")
     p = sub.add_parser("gw", help="KS states + G0W0 energies of monolayers")
     p.add_argument("--out", required=True)
     p.add_argument("--materials", nargs="+", default=["MoS2"])
@@ -262,8 +273,8 @@ def _run(args, command: str) -> int:
         from ..structures import twisted_bilayer
 
         m, n = args.index
-        atoms = twisted_bilayer(args.material, m, n)
-        items = [(f"twisted_{args.material}_{m}_{n}", atoms)]
+        atoms = twisted_bilayer(args.material, m, n, stacking=args.stacking)
+        items = [(twisted_key(args.material, m, n, args.stacking), atoms)]
         settings = _settings(args, (1, 1))
         options = _options(args, _basis_for(atoms), None)
     else:  # pragma: no cover
