@@ -134,6 +134,26 @@ def test_lbfgs_stage_and_new_heads_on_a_trained_force_field(trained, tmp_path):
                          init_model=trained["path"])
 
 
+def test_init_model_grows_into_wider_heads(trained, tmp_path):
+    """``init_model`` with wider heads in model_kwargs starts from the saved model's exact
+    predictions (stage 2 then trains the wider heads); narrower heads are refused."""
+    from ase_mlks.core.errors import CheckpointError
+
+    wide = {**SMALL, "intra_hidden": [24], "inter_hidden": [12]}
+    tr = DPWannierTrainer(trained["data"], tmp_path / "wide", model_kwargs=wide,
+                          progress=False, init_model=trained["path"])
+    assert tr.model.heads["intra_0_1_short"][0].weight.shape[0] == 24
+    atoms = bilayer_configuration(np.random.default_rng(1), size=(2, 2))
+    h_saved = DPWannierCalc(model=str(trained["path"])).get_hamiltonian(atoms)
+    h_grown = DPWannierCalc(model=tr.model).get_hamiltonian(atoms)
+    k = np.array([[0.0, 0.0, 0.0], [0.2, 0.1, 0.0]])
+    np.testing.assert_allclose(h_grown.eigenvalues(k), h_saved.eigenvalues(k), atol=1e-5)
+    with pytest.raises(CheckpointError, match="narrower"):
+        DPWannierTrainer(trained["data"], tmp_path / "narrow",
+                         model_kwargs={**SMALL, "intra_hidden": [8]}, progress=False,
+                         init_model=trained["path"])
+
+
 def test_energy_correction_improves_forces_and_keeps_the_heads(trained, tmp_path):
     """A trained model grown with ff_correction starts at exactly its predictions; stage 1
     with correction_only lowers the force loss, changes no base force-field or head weight

@@ -318,6 +318,42 @@ def test_grow_from_richer_heads_without_changing_the_model(model, atoms, options
         assert grown.correction is not None
 
 
+def _two_layer_heads(model: DPWannierModel) -> DPWannierModel:
+    """``model`` with two hidden layers per head (its other weights; random head outputs)."""
+    deep = DPWannierModel(**{**model.hparams, "intra_hidden": [16, 8], "inter_hidden": [8, 4],
+                             "onsite_hidden": [16, 8]}).double()
+    state = deep.state_dict()
+    state.update({k: v for k, v in model.state_dict().items()
+                  if k in state and state[k].shape == v.shape})
+    deep.load_state_dict(state)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for head in deep.heads.values():
+            torch.nn.init.normal_(head[-1].weight, std=0.3)
+    return deep
+
+
+def test_grow_from_wider_heads_without_changing_the_model(model, atoms):
+    """Wider heads (more units in both hidden layers, bond products too where the model
+    lacks them) start at exactly the trained model's predictions — the new units feed
+    nothing yet — and a gradient step reaches the new units' output weights."""
+    old = _two_layer_heads(model)
+    wider = {"intra_hidden": [24, 12], "inter_hidden": [12, 6], "onsite_hidden": [20, 10],
+             "bond_products": True}
+    grown = DPWannierModel(**{**old.hparams, **wider}).double()
+    grown.grow_from(old)
+    _, before = run(old, atoms, hamiltonian=True)
+    _, after = run(grown, atoms, hamiltonian=True)
+    for key in ("energy", "forces", "onsite", "hop"):
+        assert torch.allclose(before[key], after[key], atol=1e-10), key
+    _, out = run(grown, atoms, forces=False, hamiltonian=True)
+    (out["hop"].pow(2).sum() + out["onsite"].pow(2).sum()).backward()
+    assert grown.heads["intra_0_1_short"][-1].weight.grad[:, 8:].abs().max() > 0
+    narrow = DPWannierModel(**{**old.hparams, "intra_hidden": [16, 4]}).double()
+    with pytest.raises(ValueError, match="narrower"):
+        narrow.grow_from(old)
+
+
 def test_results_do_not_depend_on_cell_choice(model, atoms):
     """Through the calculator: a 2x1 supercell and a sheared cell of the same bilayer give
     the same energy per cell, forces and bands at the same Cartesian k (folded)."""

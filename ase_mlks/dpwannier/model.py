@@ -410,9 +410,12 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         return out
 
     def grow_from(self, old: DPWannierModel) -> None:
-        """Start from ``old`` (same force field and head widths, fewer feature channels,
-        e.g. without bond products): every weight is copied; a head's new output rows
-        (the added channels) start at zero, so the model computes exactly what ``old`` did."""
+        """Start from ``old`` (same force field; heads as wide or wider, fewer or as many
+        feature channels, e.g. without bond products): every weight is copied, and what is
+        new cannot yet reach the output — new input columns, the weights out of new hidden
+        units and new coefficient rows start at zero — so the model computes exactly what
+        ``old`` did. New hidden units keep their random input weights, so that training
+        moves them once their (zero) output weights do."""
         mine = self.state_dict()
         for key, value in old.state_dict().items():
             if key in mine and mine[key].shape == value.shape:
@@ -420,21 +423,47 @@ class DPWannierModel(nn.Module, CheckpointMixin):
         for name, head in self.heads.items():
             cat, a, *rest = name.split("_")  # onsite_{a} or {intra,inter}_{a}_{b}_{range}
             a, b = int(a), int(rest[0]) if rest else int(a)
-            first = torch.zeros_like(head[0].weight)  # new input columns start at zero
-            for col_new, col_old in self._input_columns(cat, old):
-                first[:, col_new] = old.heads[name][0].weight[:, col_old]
-            mine[f"heads.{name}.0.weight"] = first
-            new_rows = self.coefficient_layout(cat, a, b)
-            old_last = old.heads[name][-1]
-            weight = torch.zeros_like(head[-1].weight)
-            bias = torch.zeros_like(head[-1].bias)
-            for key, (k_old, n_old) in old.coefficient_layout(cat, a, b).items():
-                k_new = new_rows[key][0]  # old channels lead each component's channel list
-                weight[k_new:k_new + n_old] = old_last.weight[k_old:k_old + n_old]
-                bias[k_new:k_new + n_old] = old_last.bias[k_old:k_old + n_old]
-            prefix = f"heads.{name}.{len(head) - 1}."
-            mine[prefix + "weight"], mine[prefix + "bias"] = weight, bias
+            linears = [k for k, layer in enumerate(head) if isinstance(layer, nn.Linear)]
+            old_head = old.heads[name]
+            if len(linears) != sum(isinstance(x, nn.Linear) for x in old_head):
+                raise ValueError(f"head {name}: depth changed, cannot grow")
+            for depth, k in enumerate(linears):
+                weight = head[k].weight.detach().clone()
+                bias = head[k].bias.detach().clone()
+                w_old, b_old = old_head[k].weight, old_head[k].bias
+                h_out, h_in = w_old.shape
+                if k != linears[-1] and h_out > weight.shape[0]:
+                    raise ValueError(f"head {name} is narrower than the saved one "
+                                     f"({h_out} -> {weight.shape[0]} units): cannot grow")
+                if k == linears[-1]:  # coefficient rows move to their new places
+                    weight.zero_()
+                    bias.zero_()
+                    rows = self._coefficient_rows(cat, a, b, old)
+                else:
+                    rows = [(0, 0, h_out)]
+                if depth == 0:  # input features may be new or moved
+                    cols = self._input_columns(cat, old)
+                    weight[:h_out] = 0.0  # old units: new input columns start at zero
+                else:
+                    cols = [(c, c) for c in range(h_in)]
+                    weight[:, h_in:] = 0.0  # new units of the layer below feed nothing yet
+                new_cols = torch.tensor([c for c, _ in cols], dtype=torch.long)
+                old_cols = torch.tensor([c for _, c in cols], dtype=torch.long)
+                for r_new, r_old, n in rows:
+                    weight[r_new:r_new + n, new_cols] = w_old[r_old:r_old + n][:, old_cols].to(
+                        weight.dtype)
+                    bias[r_new:r_new + n] = b_old[r_old:r_old + n].to(bias.dtype)
+                prefix = f"heads.{name}.{k}."
+                mine[prefix + "weight"], mine[prefix + "bias"] = weight, bias
         self.load_state_dict(mine)
+
+    def _coefficient_rows(self, cat: str, a: int, b: int, old: DPWannierModel
+                          ) -> list[tuple[int, int, int]]:
+        """(new first row, old first row, count) of each coefficient block both models have;
+        the old channels lead each component's channel list."""
+        mine = self.coefficient_layout(cat, a, b)
+        return [(mine[key][0], k_old, n_old)
+                for key, (k_old, n_old) in old.coefficient_layout(cat, a, b).items()]
 
     def _input_columns(self, cat: str, old: DPWannierModel) -> list[tuple[int, int]]:
         """(new, old) column pairs of the inputs both models' heads of ``cat`` take."""

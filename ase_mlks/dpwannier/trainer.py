@@ -35,6 +35,8 @@ H_THRESHOLD = 1e-3  # eV: elements counted in the H metrics (as the paper)
 DATA_HPARAMS = ("min_distance",)
 # Head options a trained model can be grown into (DPWannierModel.grow_from).
 GROWABLE = ("bond_products", "interlayer_environment", "ff_correction")
+# Head widths a trained model can be widened to (new units start disconnected from the output).
+WIDENABLE = ("intra_hidden", "inter_hidden", "onsite_hidden")
 # The sizes of a growable part: free to choose when the old model lacks that part.
 GROWABLE_SIZES = {"ff_correction": ("correction_embed", "correction_axis", "correction_fit",
                                     "correction_species_stats")}
@@ -363,17 +365,21 @@ class DPWannierTrainer:
         ck = load_checkpoint(path)
         added = [k for k in GROWABLE
                  if self.model.hparams.get(k) and not saved_hparam(ck["hparams"], k)]
-        free = {*GROWABLE, *DATA_HPARAMS, *(s for k in added for s in GROWABLE_SIZES.get(k, ()))}
-        grows = bool(added) and all(saved_hparam(ck["hparams"], k) == v
-                                    for k, v in self.model.hparams.items() if k not in free)
+        widened = [k for k in WIDENABLE
+                   if list(self.model.hparams[k]) != list(saved_hparam(ck["hparams"], k))]
+        free = {*GROWABLE, *DATA_HPARAMS, *widened,
+                *(s for k in added for s in GROWABLE_SIZES.get(k, ()))}
+        grows = bool(added or widened) and all(saved_hparam(ck["hparams"], k) == v
+                                               for k, v in self.model.hparams.items()
+                                               if k not in free)
         try:
-            if grows:  # richer heads or an energy correction: the new weights start at zero
+            if grows:  # richer or wider heads, an energy correction: new weights start at zero
                 old = DPWannierModel(**ck["hparams"])
                 old.load_state_dict(ck["state_dict"])
                 self.model.grow_from(old)
             else:
                 self.model.load_state_dict(ck["state_dict"])
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:
             raise CheckpointError(f"{path} does not fit the model built from model_kwargs: "
                                   f"{str(err).splitlines()[0]}") from err
         self._apply_data_hparams({k: ck["hparams"][k] for k in DATA_HPARAMS})
