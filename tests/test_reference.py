@@ -361,12 +361,11 @@ def test_monolayer_items_are_distorted_and_reproducible_per_index():
     assert not np.allclose(a.positions, b.positions)
 
 
-def test_cli_bilayer_twist_builds_twisted_configurations(tmp_path, monkeypatch):
-    """`bilayer --twist M N` hands run_dataset twisted 42-atom cells, Γ-only by default."""
-    from ase_mlks.reference import __main__ as cli
+def _capture_run_dataset(monkeypatch) -> dict:
+    """Replace pipeline.run_dataset (no GPAW run); the returned dict gets the items and
+    settings the CLI handed it."""
     from ase_mlks.reference import pipeline
 
-    pytest.importorskip("gpaw")
     seen = {}
 
     def capture(path, items, settings, options, **kwargs):
@@ -374,6 +373,15 @@ def test_cli_bilayer_twist_builds_twisted_configurations(tmp_path, monkeypatch):
         return []
 
     monkeypatch.setattr(pipeline, "run_dataset", capture)
+    return seen
+
+
+def test_cli_bilayer_twist_builds_twisted_configurations(tmp_path, monkeypatch):
+    """`bilayer --twist M N` hands run_dataset twisted 42-atom cells, Γ-only by default."""
+    from ase_mlks.reference import __main__ as cli
+
+    pytest.importorskip("gpaw")
+    seen = _capture_run_dataset(monkeypatch)
     out = str(tmp_path / "tw.h5")
     assert cli.main(["bilayer", "--twist", "1", "2", "--stacking", "AA'", "--count", "2",
                      "--prefix", "tw", "--no-wannier", "--out", out]) == 0
@@ -392,17 +400,10 @@ def test_cli_twisted_stacking_names_the_record(tmp_path, monkeypatch):
     """`twisted --stacking "AA'"` builds the 2H-type cell under its own record name; the
     AA-type keeps the name the existing fixtures use."""
     from ase_mlks.reference import __main__ as cli
-    from ase_mlks.reference import pipeline
     from ase_mlks.structures import twisted_bilayer
 
     pytest.importorskip("gpaw")
-    seen = {}
-
-    def capture(path, items, settings, options, **kwargs):
-        seen.update(items=list(items), settings=settings)
-        return []
-
-    monkeypatch.setattr(pipeline, "run_dataset", capture)
+    seen = _capture_run_dataset(monkeypatch)
     out = str(tmp_path / "tw.h5")
     for stacking, key in (("AA", "twisted_MoS2_1_2"), ("AA'", "twisted_MoS2_1_2_AAp")):
         assert cli.main(["twisted", "--index", "1", "2", "--stacking", stacking,

@@ -432,13 +432,13 @@ class DPWannierModel(nn.Module, CheckpointMixin):
                 bias = head[k].bias.detach().clone()
                 w_old, b_old = old_head[k].weight, old_head[k].bias
                 h_out, h_in = w_old.shape
-                if k != linears[-1] and h_out > weight.shape[0]:
-                    raise ValueError(f"head {name} is narrower than the saved one "
-                                     f"({h_out} -> {weight.shape[0]} units): cannot grow")
                 if k == linears[-1]:  # coefficient rows move to their new places
                     weight.zero_()
                     bias.zero_()
                     rows = self._coefficient_rows(cat, a, b, old)
+                elif h_out > weight.shape[0]:
+                    raise ValueError(f"head {name} is narrower than the saved one "
+                                     f"({h_out} -> {weight.shape[0]} units): cannot grow")
                 else:
                     rows = [(0, 0, h_out)]
                 if depth == 0:  # input features may be new or moved
