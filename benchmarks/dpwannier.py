@@ -109,7 +109,12 @@ def heldout(calc, data: Path, out: Path, unseen: list[Path] | None = None,
     import torch
 
     from ase_mlks.dpwannier.data import DPWannierData
-    from ase_mlks.dpwannier.trainer import H_THRESHOLD, element_masks, hop_geometry
+    from ase_mlks.dpwannier.trainer import (
+        H_THRESHOLD,
+        element_masks,
+        hop_geometry,
+        hopping_shell_table,
+    )
 
     model = calc.model
     extra = _extra(model)
@@ -184,31 +189,9 @@ def heldout(calc, data: Path, out: Path, unseen: list[Path] | None = None,
         res["h_mae_meV"] = 1e3 * float(np.mean(np.abs(hr[big] - hp[big])))
         res["h_elements"] = int(big.sum())
         _parity(hr[big], hp[big], "H elements", "eV", out / "dpwannier_parity_h.png")
-        res["h_shells"] = _shell_table(*(np.concatenate(x) for x in
-                                         (hop_ref, hop_pred, hop_r, hop_inter)))
+        res["h_shells"] = hopping_shell_table(*(np.concatenate(x) for x in
+                                                (hop_ref, hop_pred, hop_r, hop_inter)))
     return res
-
-
-SHELLS = (0.0, 2.6, 3.5, 4.5, 6.0, 9.0)  # Å: Mo-S, Mo-Mo/S-S, 2nd, 3rd neighbours, tails
-
-
-def _shell_table(ref, pred, r, inter) -> list[dict]:
-    """Hopping errors per pair-distance shell and intra/inter-layer (|H| > 1 meV): MAE, mean
-    |H| and the least-squares slope of predicted on reference (1 = right size; < 1 =
-    shrunk towards zero, which narrows the bands)."""
-    from ase_mlks.dpwannier.trainer import H_THRESHOLD
-
-    rows = []
-    for lo, hi in zip(SHELLS[:-1], SHELLS[1:]):
-        for is_inter in (False, True):
-            m = (r >= lo) & (r < hi) & (inter == is_inter) & (np.abs(ref) > H_THRESHOLD)
-            if m.sum() < 10:
-                continue
-            rows.append({"shell_A": [lo, hi], "pairs": "inter" if is_inter else "intra",
-                         "n": int(m.sum()), "mean_abs_ref_meV": 1e3 * float(np.abs(ref[m]).mean()),
-                         "mae_meV": 1e3 * float(np.abs(pred[m] - ref[m]).mean()),
-                         "slope": float((pred[m] * ref[m]).sum() / (ref[m] ** 2).sum())})
-    return rows
 
 
 # -- 2. unseen twisted bilayers -----------------------------------------------------------------

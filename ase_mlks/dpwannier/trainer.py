@@ -129,6 +129,31 @@ def hop_geometry(model: DPWannierModel, g) -> tuple[torch.Tensor, torch.Tensor]:
     return r, g.layer[g.h_i] != g.layer[g.h_j]
 
 
+# Å: Mo-S, Mo-Mo/S-S, 2nd, 3rd neighbours, tails (the metrics' shells, not the loss's)
+REPORT_SHELLS = (0.0, 2.6, 3.5, 4.5, 6.0, 9.0)
+
+
+def hopping_shell_table(ref: np.ndarray, pred: np.ndarray, r: np.ndarray, inter: np.ndarray,
+                        shells: Sequence[float] = REPORT_SHELLS) -> list[dict]:
+    """Hopping errors per pair-distance shell and intra/inter-layer (|H_ref| > 1 meV).
+
+    ``ref``, ``pred``: hopping elements (eV); ``r``: pair length (Å) and ``inter``: inter-layer
+    flag of each element, all (M,). Rows: MAE and mean |H| (meV) and the least-squares slope
+    of ``pred`` on ``ref`` (1 = right size; < 1 = shrunk towards zero, which narrows bands).
+    """
+    rows = []
+    for lo, hi in zip(shells[:-1], shells[1:]):
+        for is_inter in (False, True):
+            m = (r >= lo) & (r < hi) & (inter == is_inter) & (np.abs(ref) > H_THRESHOLD)
+            if m.sum() < 10:
+                continue
+            rows.append({"shell_A": [lo, hi], "pairs": "inter" if is_inter else "intra",
+                         "n": int(m.sum()), "mean_abs_ref_meV": 1e3 * float(np.abs(ref[m]).mean()),
+                         "mae_meV": 1e3 * float(np.abs(pred[m] - ref[m]).mean()),
+                         "slope": float((pred[m] * ref[m]).sum() / (ref[m] ** 2).sum())})
+    return rows
+
+
 def shell_normalized_mse(inner, g, batch: Sample, on_m, hop_m, d_on, t_hop, d_hop,
                          shells: Sequence[float], w_onsite: float = 1.0) -> torch.Tensor:
     """Mean over element groups of MSE / mean square of the target (1 − R² per group).
