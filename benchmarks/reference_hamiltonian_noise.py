@@ -44,6 +44,7 @@ def rerun(path: Path, key: str, shifts: list[np.ndarray], store: Path, txtdir: P
         RecordOptions,
         compute_slab_record,
         existing_keys,
+        wrap_like_gpaw,
         write_record,
     )
     from ase_mlks.reference.settings import LCAOSettings, versions
@@ -68,6 +69,7 @@ def rerun(path: Path, key: str, shifts: list[np.ndarray], store: Path, txtdir: P
             continue
         atoms = rec["atoms"].copy()
         atoms.positions += d
+        atoms = wrap_like_gpaw(atoms)  # stored where GPAW puts them, like every record
         out = compute_slab_record(atoms, settings, options, txt=str(txtdir / f"{name}.txt"))
         out.pop("calc", None)
         meta = {"settings": settings.todict(), "options": options.todict(),
@@ -187,7 +189,8 @@ def score(path: Path, key: str, store: Path, names: list[str], model_name: str,
     model_values = values[-1] if with_model else None
     if with_model:
         values = values[:-1]
-    return {"key": key, **compare(values, r, inter, onsite, ["stored", *names], model_values)}
+    return {"key": key, "reruns": names,
+            **compare(values, r, inter, onsite, ["stored", *names], model_values)}
 
 
 def main(argv=None) -> int:
@@ -220,24 +223,29 @@ def main(argv=None) -> int:
                                     not args.no_score))
         args.json.write_text(json.dumps(res, indent=1))  # keep what finished
 
+    print_table(res)
+    print(f"wrote {args.json}")
+    return 0
+
+
+def print_table(res: dict) -> None:
+    """The table of :func:`main`'s results."""
     print(f"{'record':<10} {'rerun':<16} {'all':>7} {'on-site':>8}   (H-element MAE vs stored, "
           "meV, |H| > 1 meV)")
     for r in res["records"]:
-        for name in [k[:-len("_vs_stored_meV")] for k in r if k.endswith("_vs_stored_meV")]:
-            print(f"{r['key']:<10} {name:<16} {r[f'{name}_vs_stored_meV']:>7.2f} "
-                  f"{r[f'{name}_vs_stored_onsite_meV']:>8.2f}")
+        for name in r["reruns"]:
+            print(f"{r['key']:<10} {name:<16} {r[f'{name}_vs_stored_meV']:>7.4f} "
+                  f"{r[f'{name}_vs_stored_onsite_meV']:>8.4f}")
         print(f"{r['key']}: {r['n_elements']} elements (mean |H| {r['mean_abs_H_meV']:.0f} meV); "
-              f"one evaluation's noise ≈ {r['noise_one_evaluation_meV']:.2f} meV")
+              f"one evaluation's noise ≈ {r['noise_one_evaluation_meV']:.4f} meV")
         for row in r["shells_first_rerun"]:
             print(f"  {row['pairs']} {row['shell_A'][0]:.1f}-{row['shell_A'][1]:.1f} Å: "
                   f"mean |H| {row['mean_abs_ref_meV']:.1f} meV, rerun vs stored "
-                  f"{row['mae_meV']:.2f} meV")
+                  f"{row['mae_meV']:.4f} meV")
         if "model_vs_mean_meV" in r:
             parts = [f"{k[len('model_vs_'):-len('_meV')]} {v:.2f}" for k, v in r.items()
                      if k.startswith("model_vs_")]
             print(f"{r['key']}: model H MAE vs " + ", ".join(parts) + " meV")
-    print(f"wrote {args.json}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,13 @@ from ase.calculators.emt import EMT
 from ase_mlks.core.dataset import StructureDataset
 from ase_mlks.core.errors import StructureError
 from ase_mlks.reference.groundstate import check_slab
-from ase_mlks.reference.pipeline import existing_keys, run_dataset
+from ase_mlks.reference.pipeline import (
+    RecordOptions,
+    compute_slab_record,
+    existing_keys,
+    run_dataset,
+    wrap_like_gpaw,
+)
 from ase_mlks.reference.settings import DEFAULT, gpts_for
 from ase_mlks.reference.wannier import BlochData, fourier_ws, wannier_hk
 from ase_mlks.structures import bilayer, monolayer
@@ -140,6 +146,52 @@ def emt_record(atoms, settings, options, txt=None):
     return {"arrays": {"energy": np.array(a.get_potential_energy()),
                        "forces": a.get_forces()},
             "meta": {"cpu_time": 0.0}}
+
+
+def _outside_the_cell():
+    """A monolayer with one atom a lattice vector away and one 1e-10 (fractional) below the
+    cell's edge: GPAW puts both inside, at fractional 0.25... and 1 - 1e-10."""
+    atoms = monolayer("MoS2")
+    atoms.positions[1] += atoms.cell[0]
+    frac = atoms.get_scaled_positions(wrap=False)
+    frac[2, 1] = -1e-10
+    atoms.set_scaled_positions(frac)
+    return atoms
+
+
+def test_wrap_like_gpaw_puts_atoms_where_gpaw_does():
+    atoms = _outside_the_cell()
+    wrapped = wrap_like_gpaw(atoms)
+    # GPAW's positions: ASE's fractional coordinates modulo 1 (gpaw/new/builder.py)
+    expected = atoms.cell.cartesian_positions(atoms.get_scaled_positions())
+    assert np.allclose(wrapped.positions, expected, atol=1e-12)
+    assert np.allclose(wrapped.positions[1], atoms.positions[1] - atoms.cell[0])
+    assert wrapped.get_scaled_positions(wrap=False)[2, 1] > 0.99  # Atoms.wrap leaves it
+    assert np.allclose(wrapped.positions[0], atoms.positions[0])  # untouched inside
+
+
+def test_wannier_record_refuses_atoms_outside_the_cell():
+    """The H(R) lattice vectors refer to GPAW's wrapped positions: storing unwrapped ones
+    would pair hoppings with the wrong images, silently. Refused before any GPAW run."""
+    with pytest.raises(StructureError, match=r"atoms \[1, 2\] lie outside the cell"):
+        compute_slab_record(_outside_the_cell(), DEFAULT, RecordOptions())
+
+
+def test_run_dataset_stores_wrapped_positions(tmp_path):
+    path = tmp_path / "ref.h5"
+    atoms = _outside_the_cell()
+    atoms.set_chemical_symbols(["Cu", "Au", "Au"])  # EMT stand-ins
+    seen = []
+
+    def compute(a, settings, options, txt=None):
+        seen.append(a.positions.copy())
+        return emt_record(a, settings, options, txt)
+
+    run_dataset(path, [("s0", atoms)], DEFAULT, compute=compute, progress=False)
+    with StructureDataset(path, "r") as ds:
+        stored = ds.read("s0")["positions"]
+    assert np.allclose(seen[0], wrap_like_gpaw(atoms).positions)
+    assert np.allclose(stored, seen[0], atol=1e-5)  # float32 storage
 
 
 def test_run_dataset_resumes_and_stores_metadata(tmp_path):

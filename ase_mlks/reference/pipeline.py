@@ -34,7 +34,7 @@ log = logging.getLogger("ase_mlks.reference")
 
 __all__ = ["RecordOptions", "ReferenceFailure", "check_path", "compute_slab_record",
            "run_dataset", "write_record", "bilayer_items", "monolayer_items",
-           "existing_keys"]
+           "existing_keys", "wrap_like_gpaw"]
 
 
 class ReferenceFailure(AseMlksError):
@@ -113,12 +113,39 @@ def check_path(atoms: Atoms, path: str, npoints: int):
                                    pbc=atoms.pbc)
 
 
+def wrap_like_gpaw(atoms: Atoms) -> Atoms:
+    """A copy of ``atoms`` with every periodic fractional coordinate taken modulo 1.
+
+    GPAW places its atoms (hence its LCAO orbitals and the Wannier projections) at
+    ``atoms.get_scaled_positions()``, i.e. exactly these positions. The lattice vectors R of
+    a stored H(R) refer to them, so a record must store them too: an atom left outside the
+    cell would pair its hoppings with the wrong images. (``Atoms.wrap`` is not the same: it
+    leaves coordinates within 1e-7 below zero unwrapped, which GPAW moves to ~1.)
+    """
+    out = atoms.copy()
+    out.set_scaled_positions(atoms.get_scaled_positions(wrap=True))
+    return out
+
+
+def _check_wrapped(atoms: Atoms) -> None:
+    """Refuse positions GPAW would move (see :func:`wrap_like_gpaw`)."""
+    moved = np.linalg.norm(wrap_like_gpaw(atoms).positions - atoms.positions, axis=1)
+    if np.any(moved > 1e-8):
+        idx = np.flatnonzero(moved > 1e-8).tolist()
+        raise StructureError(
+            f"atoms {idx} lie outside the cell: GPAW would move them by a lattice vector and "
+            "the stored H(R) would not match the stored positions; pass "
+            "ase_mlks.reference.pipeline.wrap_like_gpaw(atoms)")
+
+
 def compute_slab_record(atoms: Atoms, settings: LCAOSettings = DEFAULT,
                         options: RecordOptions = RecordOptions(), txt: str | None = None
                         ) -> dict:
     """Ground state + post-processing of one slab; returns arrays, a TB and metadata."""
     from .groundstate import run_groundstate
 
+    if options.wannier_basis or options.ao:
+        _check_wrapped(atoms)  # before the SCF: a mismatched H(R) would be stored silently
     t0 = time.process_time()
     w0 = time.time()
     # before the SCF: a path that cannot be built must not cost a ground state first
@@ -286,7 +313,8 @@ def run_dataset(path: str | os.PathLike, items: Iterable[tuple[str, Atoms]],
     from tqdm import tqdm
 
     done = existing_keys(path)
-    todo = [(k, a) for k, a in items if k not in done]
+    # computed and stored where GPAW puts the atoms, so H(R) and positions agree
+    todo = [(k, wrap_like_gpaw(a)) for k, a in items if k not in done]
     if txtdir is not None:
         Path(txtdir).mkdir(parents=True, exist_ok=True)
     rank = _mpi_rank()
