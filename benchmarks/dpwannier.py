@@ -589,7 +589,8 @@ def _relaxation_line(r: dict, suffix: str, label: str) -> str:
     return (f"  {label}: Mo-Mo interlayer {get('interlayer_MoMo_start_A'):.3f} -> GPAW "
             f"{get('interlayer_MoMo_gpaw_A'):.3f} / model {get('interlayer_MoMo_model_A'):.3f} Å;"
             f" S-S thickness GPAW {get('S_thickness_gpaw_A'):.3f} / model "
-            f"{get('S_thickness_model_A'):.3f} Å; RMSD {get('relaxed_vs_gpaw_rmsd_A'):.3f} Å; "
+            f"{get('S_thickness_model_A'):.3f} Å; RMSD {get('relaxed_vs_gpaw_rmsd_A'):.3f} Å, "
+            f"max |dz| {get('relaxed_vs_gpaw_max_dz_A'):.3f} Å; "
             f"relaxation energy GPAW {get('relax_energy_gpaw_meV'):.0f} / model "
             f"{get('relax_energy_model_meV'):.0f} meV")
 
