@@ -60,10 +60,12 @@ def test_store_relaxation_refuses_a_wrong_record_and_leaves_the_file_intact(tmp_
     assert path.read_bytes() == original
 
 
-def test_relaxed_twisted_fixture_is_consistent():
-    """When the 21.79 degree fixture holds a GPAW relaxation, it belongs to that structure."""
-    with h5py.File(DATA / "mos2_twisted_1_2.h5") as f:
-        g = f["twisted_MoS2_1_2"]
+@pytest.mark.parametrize("fixture, key", [("mos2_twisted_1_2.h5", "twisted_MoS2_1_2"),
+                                          ("mos2_twisted_1_2_aap.h5", "twisted_MoS2_1_2_AAp")])
+def test_relaxed_twisted_fixture_is_consistent(fixture, key):
+    """When a 21.79 degree fixture holds a GPAW relaxation, it belongs to that structure."""
+    with h5py.File(DATA / fixture) as f:
+        g = f[key]
         if "relaxed_positions" not in g:
             pytest.skip("fixture has no GPAW relaxation yet")
         pos, rel = g["positions"][()], g["relaxed_positions"][()]
