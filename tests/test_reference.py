@@ -469,3 +469,17 @@ def test_cli_twisted_stacking_names_the_record(tmp_path, monkeypatch):
     assert not np.allclose(atoms.positions, aa.positions)  # a different structure
     with pytest.raises(SystemExit):  # argparse: not one of the choices
         cli.main(["twisted", "--stacking", "AB", "--out", out])
+
+
+@pytest.mark.parametrize("arg", ["AA'", "plain", "two words", "it's $HOME", 'say "hi"', "a'b\\c",
+                                 ""])
+def test_stored_command_words_split_back(arg):
+    """Each quoted word of a stored command splits back into the argument it came from; a
+    word whose only problem is a single quote reads as "AA'"."""
+    import shlex
+
+    from ase_mlks.reference.__main__ import shell_quote
+
+    assert shlex.split(shell_quote(arg)) == [arg]
+    if arg == "AA'":
+        assert shell_quote(arg) == '"AA\'"'

@@ -111,6 +111,18 @@ def _basis_for(atoms) -> dict:
     return out
 
 
+def shell_quote(arg: str) -> str:
+    """``arg`` as one shell word (for the stored ``command``), readable where possible:
+    ``"AA'"`` rather than shlex's ``'AA'"'"''`` for a word with a single quote and none of
+    the characters a double-quoted word would expand."""
+    quoted = shlex.quote(arg)
+    if quoted != arg and "'" in arg and not any(c in arg for c in '"$`\\!'):
+        test = f'"{arg}"'
+        if shlex.split(test) == [arg]:
+            return test
+    return quoted
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m ase_mlks.reference", description=__doc__,
@@ -208,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.files:
             print_summary(path)
         return 0
-    command = "python -m ase_mlks.reference " + " ".join(shlex.quote(a) for a in argv)
+    command = "python -m ase_mlks.reference " + " ".join(shell_quote(a) for a in argv)
 
     if getattr(args, "mpi", 0) and not os.environ.get("ASE_MLKS_UNDER_MPI"):
         rest = [a for i, a in enumerate(argv)
