@@ -57,8 +57,7 @@ def rerun(path: Path, key: str, shifts: list[np.ndarray], tight: bool, txtdir: P
 
     with StructureDataset(path, "r") as ds:
         rec = ds.read(key)
-    stored = json.loads(rec["attrs"]["settings"])
-    settings = LCAOSettings(**stored).with_kpts(stored["kpts"])  # JSON gave a list
+    settings = LCAOSettings.fromdict(json.loads(rec["attrs"]["settings"]))
     f_ref = np.asarray(rec["forces"], float)
     # the first keeps the name older JSON used
     variants = {("translated" if n == 0 else f"translated {n + 1}"): (settings, d)

@@ -38,45 +38,27 @@ def rerun_name(key: str, n: int) -> str:
 
 def rerun(path: Path, key: str, shifts: list[np.ndarray], store: Path, txtdir: Path) -> list[str]:
     """Recompute record ``key`` of ``path`` (ground state, Wannier H(R)) translated by each
-    of ``shifts`` (Å) into ``store``, skipping reruns already there; returns their names."""
+    of ``shifts`` (Å) into ``store`` at its own settings and options; reruns already there
+    are kept (``run_dataset`` resumes). Returns the reruns' names."""
     from ase_mlks.core.dataset import StructureDataset
-    from ase_mlks.reference.pipeline import (
-        RecordOptions,
-        compute_slab_record,
-        existing_keys,
-        wrap_like_gpaw,
-        write_record,
-    )
-    from ase_mlks.reference.settings import LCAOSettings, versions
+    from ase_mlks.reference.pipeline import RecordOptions, run_dataset
+    from ase_mlks.reference.settings import LCAOSettings
 
     with StructureDataset(path, "r") as ds:
         rec = ds.read(key)
-    attrs = rec["attrs"]
-    stored = json.loads(attrs["settings"])
-    settings = LCAOSettings(**stored).with_kpts(stored["kpts"])  # JSON gave a list
-    opts = json.loads(attrs["options"])
-    if opts.get("wannier_kpts") is not None:
-        opts["wannier_kpts"] = tuple(opts["wannier_kpts"])
-    options = RecordOptions(**opts)
+    settings = LCAOSettings.fromdict(json.loads(rec["attrs"]["settings"]))
+    options = RecordOptions.fromdict(json.loads(rec["attrs"]["options"]))
     if not options.wannier_basis:
         raise ValueError(f"{path}:{key} was computed without a Wannier Hamiltonian")
-    done = existing_keys(store)
-    names = []
+    items = []
     for n, d in enumerate(shifts):
-        name = rerun_name(key, n)
-        names.append(name)
-        if name in done:
-            continue
         atoms = rec["atoms"].copy()
         atoms.positions += d
-        atoms = wrap_like_gpaw(atoms)  # stored where GPAW puts them, like every record
-        out = compute_slab_record(atoms, settings, options, txt=str(txtdir / f"{name}.txt"))
-        out.pop("calc", None)
-        meta = {"settings": settings.todict(), "options": options.todict(),
-                "versions": versions(), "command": f"translated rerun of {path}:{key} by {d}",
-                "info": {"source": f"{path}:{key}", "shift_A": [float(x) for x in d]}}
-        write_record(store, name, atoms, out, meta)
-    return names
+        atoms.info = {"source": f"{path}:{key}", "shift_A": tuple(float(x) for x in d)}
+        items.append((rerun_name(key, n), atoms))
+    run_dataset(store, items, settings, options, txtdir=str(txtdir),
+                command=f"translated reruns of {path}:{key}")
+    return [name for name, _ in items]
 
 
 def h_elements(model, sample) -> dict:
@@ -186,9 +168,9 @@ def score(path: Path, key: str, store: Path, names: list[str], model_name: str,
     if with_model:
         evaluations.append(model_elements(model, samples[0]))
     values, r, inter, onsite = paired(evaluations)
-    model_values = values[-1] if with_model else None
-    if with_model:
-        values = values[:-1]
+    model_values = None
+    if with_model:  # the model's row was appended last
+        values, model_values = values[:-1], values[-1]
     return {"key": key, "reruns": names,
             **compare(values, r, inter, onsite, ["stored", *names], model_values)}
 

@@ -483,3 +483,16 @@ def test_stored_command_words_split_back(arg):
     assert shlex.split(shell_quote(arg)) == [arg]
     if arg == "AA'":
         assert shell_quote(arg) == '"AA\'"'
+
+
+def test_settings_and_options_come_back_from_a_records_json():
+    """A record stores settings and options as JSON (tuples become lists); fromdict undoes
+    that, so a rerun at a record's own settings is the same calculation."""
+    import json
+
+    from ase_mlks.reference.settings import LCAOSettings
+
+    settings = DEFAULT.with_kpts((2, 2))
+    assert LCAOSettings.fromdict(json.loads(settings.tojson())) == settings
+    for options in (RecordOptions(), RecordOptions(wannier_kpts=None, h_threshold=1e-3)):
+        assert RecordOptions.fromdict(json.loads(json.dumps(options.todict()))) == options

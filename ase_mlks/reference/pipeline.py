@@ -76,6 +76,12 @@ class RecordOptions:
     def todict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
+    @classmethod
+    def fromdict(cls, d: dict) -> RecordOptions:
+        """Inverse of :meth:`todict`, also for its JSON form (a record's ``options``)."""
+        grid = d.get("wannier_kpts")
+        return cls(**{**d, "wannier_kpts": None if grid is None else tuple(grid)})
+
 
 def _mpi_rank() -> int:
     try:

@@ -62,6 +62,11 @@ class LCAOSettings:
     def todict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def fromdict(cls, d: dict) -> LCAOSettings:
+        """Inverse of :meth:`todict`, also for its JSON form (a record's ``settings``)."""
+        return cls(**d).with_kpts(d["kpts"])  # JSON turned the k-grid tuple into a list
+
     def tojson(self) -> str:
         return json.dumps(self.todict(), sort_keys=True)
 
