@@ -154,6 +154,42 @@ def test_bilayer_training_set():
         assert np.isfinite(energies).all()
 
 
+@pytest.mark.parametrize("name, natoms, threshold", [("mos2_bilayer.h5", 24, 5e-4),
+                                                      ("mos2_bilayer_twisted_h.h5", 42, 1e-3)])
+def test_training_hamiltonians_are_stored_as_documented(name, natoms, threshold):
+    """The committed H(R) training sets are cut at the threshold docs/reference.md gives (on-site
+    diagonal kept), stay Hermitian, and hold atoms where GPAW put them (H(R)'s lattice vectors
+    refer to those positions)."""
+    path = need(ROOT / name)
+    with h5py.File(path) as f:
+        keys = [k for k in f if "wannier" in f[k]]
+        assert keys
+        for key in keys:
+            tb = TBHamiltonian.from_hdf5(f[key]["wannier"])
+            meta = dict(f[key]["wannier"].attrs)
+            frac = np.linalg.solve(f[key]["cell"][()].T, f[key]["positions"][()].T).T
+            assert len(frac) == natoms and tb.norb == 11 * natoms // 3
+            assert meta["h_threshold"] == threshold
+            r0 = np.flatnonzero((tb.R == 0).all(axis=1))[0]
+            diag = (tb.r_index == r0) & (tb.rows == tb.cols)
+            assert np.abs(tb.h[~diag]).min() >= threshold and diag.sum() == tb.norb
+            assert tb.hermiticity_error() < 1e-4
+            assert (frac[:, :2] >= 0).all() and (frac[:, :2] < 1).all()
+
+
+def test_twisted_hamiltonian_set_recomputes_the_twisted_force_set():
+    """``mos2_bilayer_twisted_h.h5`` holds the same structures as the first records of
+    ``mos2_bilayer_twisted.h5`` (same seed), at Γ-only k with a Wannier H(R)."""
+    path, forces = need(ROOT / "mos2_bilayer_twisted_h.h5"), need(ROOT / "mos2_bilayer_twisted.h5")
+    with h5py.File(path) as f, h5py.File(forces) as g:
+        assert sorted(f) == [f"tw{i:05d}" for i in range(12)]
+        for key in f:
+            assert json.loads(f[key].attrs["settings"])["kpts"] == [1, 1]
+            assert json.loads(g[key].attrs["settings"])["kpts"] == [2, 2]
+            assert json.loads(f[key].attrs["info"]) == json.loads(g[key].attrs["info"])
+            assert np.abs(f[key]["positions"][()] - g[key]["positions"][()]).max() < 1e-8
+
+
 def test_gw_monolayers():
     path = need(ROOT / "gw_monolayers.h5")
     with h5py.File(path) as f:
