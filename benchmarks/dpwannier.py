@@ -360,11 +360,9 @@ def _twisted_h_errors(calc, rec: dict) -> dict:
     """H-element MAE (|H| > 1 meV) vs the fixture's Wannier H(R), on pairs closer than
     the Wigner-Seitz radius of its k-grid (beyond it the reference folds images)."""
     import h5py
-    import torch
 
     from ase_mlks.core.hamiltonian import TBHamiltonian
-    from ase_mlks.dpwannier.data import hamiltonian_targets
-    from ase_mlks.dpwannier.trainer import H_THRESHOLD
+    from ase_mlks.dpwannier.trainer import wannier_h_errors
 
     with h5py.File(rec["file"], "r") as f:
         grp = f[rec["key"]].get("wannier")
@@ -372,25 +370,10 @@ def _twisted_h_errors(calc, rec: dict) -> dict:
             return {}
         ham = TBHamiltonian.from_hdf5(grp)
         grid = json.loads(grp.attrs["grid"])
-    model = calc.model
-    g = calc.graph(rec["atoms"])
-    with torch.no_grad():
-        out = model(g, forces=False, hamiltonian=True)
-    on, hop, _ = hamiltonian_targets(ham, g, model.norb, model.nmax)
     cell = rec["atoms"].cell
     ws = 0.5 * min(grid[0] * cell.lengths()[0], grid[1] * cell.lengths()[1])
-    vec = (g.positions[g.h_j] - g.positions[g.h_i] + g.h_shift @ g.cell[0]).norm(dim=1)
-    om = model.orbital_mask(g.species).numpy()
-    hi, hj = g.h_i.numpy(), g.h_j.numpy()
-    sel = (vec.numpy() < ws - 0.5)[:, None, None] & om[hi][:, :, None] & om[hj][:, None, :]
-    m_on = om[:, :, None] & om[:, None, :]
-    ref = np.concatenate([on[m_on], hop[sel]])
-    pred = np.concatenate([out["onsite"].numpy()[m_on], out["hop"].numpy()[sel]])
-    big = np.abs(ref) > H_THRESHOLD
-    return {"h_mae_meV": 1e3 * float(np.mean(np.abs(ref[big] - pred[big]))),
-            "h_onsite_mae_meV": 1e3 * float(np.mean(np.abs(on[m_on]
-                                                          - out["onsite"].numpy()[m_on]))),
-            "h_elements": int(big.sum()), "h_pairs_within_A": ws - 0.5}
+    res = wannier_h_errors(calc.model, calc.graph(rec["atoms"]), ham, ws - 0.5)
+    return {**res, "h_pairs_within_A": ws - 0.5}
 
 
 def _plot_bands(kpts, ref, mine, atoms, path: Path) -> None:

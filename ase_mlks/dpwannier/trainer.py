@@ -154,6 +154,35 @@ def hopping_shell_table(ref: np.ndarray, pred: np.ndarray, r: np.ndarray, inter:
     return rows
 
 
+def wannier_h_errors(model: DPWannierModel, graph, ham, max_pair_length: float) -> dict:
+    """The model's H-element errors against a reference Wannier H(R) of the same structure.
+
+    ``graph``: the structure's model graph (float64, as ``DPWannierCalc.graph`` builds it);
+    ``ham``: the reference ``TBHamiltonian``; only pairs shorter than ``max_pair_length`` (Å)
+    are compared — a Wannier H(R) from an n x n k-grid folds the images of pairs beyond the
+    grid's Wigner-Seitz radius onto each other. Returns the MAE over |H_ref| > 1 meV
+    (``h_mae_meV``), the on-site MAE over all on-site elements (meV) and the element count.
+    """
+    from .data import hamiltonian_targets
+
+    with torch.no_grad():
+        out = model(graph, forces=False, hamiltonian=True)
+    on, hop, _ = hamiltonian_targets(ham, graph, model.norb, model.nmax)
+    vec = model._vectors(graph.positions, graph.cell, graph.batch, graph.h_i, graph.h_j,
+                         graph.h_shift).norm(dim=1).numpy()
+    om = model.orbital_mask(graph.species).numpy()
+    hi, hj = graph.h_i.numpy(), graph.h_j.numpy()
+    sel = (vec < max_pair_length)[:, None, None] & om[hi][:, :, None] & om[hj][:, None, :]
+    m_on = om[:, :, None] & om[:, None, :]
+    on_pred = out["onsite"].numpy()[m_on]
+    ref = np.concatenate([on[m_on], hop[sel]])
+    pred = np.concatenate([on_pred, out["hop"].numpy()[sel]])
+    big = np.abs(ref) > H_THRESHOLD
+    return {"h_mae_meV": 1e3 * float(np.mean(np.abs(ref[big] - pred[big]))),
+            "h_onsite_mae_meV": 1e3 * float(np.mean(np.abs(on[m_on] - on_pred))),
+            "h_elements": int(big.sum())}
+
+
 def shell_normalized_mse(inner, g, batch: Sample, on_m, hop_m, d_on, t_hop, d_hop,
                          shells: Sequence[float], w_onsite: float = 1.0) -> torch.Tensor:
     """Mean over element groups of MSE / mean square of the target (1 − R² per group).
