@@ -370,10 +370,7 @@ def _twisted_h_errors(calc, rec: dict) -> dict:
             return {}
         ham = TBHamiltonian.from_hdf5(grp)
         grid = json.loads(grp.attrs["grid"])
-    cell = rec["atoms"].cell
-    ws = 0.5 * min(grid[0] * cell.lengths()[0], grid[1] * cell.lengths()[1])
-    res = wannier_h_errors(calc.model, calc.graph(rec["atoms"]), ham, ws - 0.5)
-    return {**res, "h_pairs_within_A": ws - 0.5}
+    return wannier_h_errors(calc.model, calc.graph(rec["atoms"]), ham, grid)
 
 
 def _plot_bands(kpts, ref, mine, atoms, path: Path) -> None:

@@ -154,16 +154,21 @@ def hopping_shell_table(ref: np.ndarray, pred: np.ndarray, r: np.ndarray, inter:
     return rows
 
 
-def wannier_h_errors(model: DPWannierModel, graph, ham, max_pair_length: float) -> dict:
+def wannier_h_errors(model: DPWannierModel, graph, ham, grid: Sequence[int],
+                     margin: float = 0.5) -> dict:
     """The model's H-element errors against a reference Wannier H(R) of the same structure.
 
     ``graph``: the structure's model graph (float64, as ``DPWannierCalc.graph`` builds it);
-    ``ham``: the reference ``TBHamiltonian``; only pairs shorter than ``max_pair_length`` (Å)
-    are compared — a Wannier H(R) from an n x n k-grid folds the images of pairs beyond the
-    grid's Wigner-Seitz radius onto each other. Returns the MAE over |H_ref| > 1 meV
-    (``h_mae_meV``), the on-site MAE over all on-site elements (meV) and the element count.
+    ``ham``: the reference ``TBHamiltonian``, built on an in-plane k-grid ``grid`` (n1, n2).
+    Such an H(R) folds the images of pairs beyond the grid's Wigner-Seitz radius onto each
+    other, so only pairs shorter than that radius minus ``margin`` (Å) are compared. Returns
+    the MAE over |H_ref| > 1 meV (``h_mae_meV``), the on-site MAE over all on-site elements
+    (meV), the element count and the pair-length limit (Å).
     """
     from .data import hamiltonian_targets
+
+    lengths = np.linalg.norm(np.asarray(ham.cell)[:2], axis=1)
+    max_pair_length = 0.5 * min(grid[0] * lengths[0], grid[1] * lengths[1]) - margin
 
     with torch.no_grad():
         out = model(graph, forces=False, hamiltonian=True)
@@ -180,7 +185,7 @@ def wannier_h_errors(model: DPWannierModel, graph, ham, max_pair_length: float) 
     big = np.abs(ref) > H_THRESHOLD
     return {"h_mae_meV": 1e3 * float(np.mean(np.abs(ref[big] - pred[big]))),
             "h_onsite_mae_meV": 1e3 * float(np.mean(np.abs(on[m_on] - on_pred))),
-            "h_elements": int(big.sum())}
+            "h_elements": int(big.sum()), "h_pairs_within_A": float(max_pair_length)}
 
 
 def shell_normalized_mse(inner, g, batch: Sample, on_m, hop_m, d_on, t_hop, d_hop,
