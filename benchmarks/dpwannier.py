@@ -378,16 +378,26 @@ def _plot_bands(kpts, ref, mine, atoms, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from ase.dft.kpoints import BandPath
 
-    x = np.concatenate([[0], np.cumsum(np.linalg.norm(np.diff(kpts @ atoms.cell.reciprocal(),
-                                                              axis=0), axis=1))])
+    from ase_mlks.reference.pipeline import check_path
+
+    # The fixture's path is a plain k-point list; a BandPath with the special points the
+    # pipeline built it from finds where they lie on it, for the tick labels.
+    special = check_path(atoms, "GMKG", npoints=2).special_points
+    x, xs, labels = BandPath(atoms.cell, kpts=np.asarray(kpts, dtype=float),
+                             special_points=special).get_linear_kpoint_axis()
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot(x, ref, "k-", lw=1)
     ax.plot(x, mine, "r--", lw=1)
     ax.plot([], [], "k-", label="GPAW LCAO")
     ax.plot([], [], "r--", label="DPWannier")
     ax.set_ylabel("energy vs vacuum (eV)")
-    ax.set_xticks([])
+    ax.set_xticks(xs, [r"$\Gamma$" if k == "G" else k for k in labels])
+    for v in xs[1:-1]:
+        ax.axvline(v, color="0.8", lw=0.5)
+    ax.set_xlim(x[0], x[-1])
+    ax.set_title(f"{path.stem.removeprefix('dpwannier_bands_')} ({len(atoms)} atoms)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
