@@ -157,13 +157,17 @@ def heldout(calc, data: Path, out: Path, unseen: list[Path] | None = None,
         f_ref.append(s.forces.numpy().ravel())
         f_pred.append(o["forces"].detach().numpy().ravel())
         if names is not None:
-            grp = groups.setdefault(_group(names[n]), {"e": [], "f": []})
+            grp = groups.setdefault(_group(names[n]), {"e": [], "f": [], "dh": []})
             grp["e"].append(abs(e_ref[-1] - e_pred[-1]) / nat[-1])
             grp["f"].append(np.abs(f_ref[-1] - f_pred[-1]))
         if s.onsite is not None:
             on_m, hop_m = element_masks(model, s)
             h_ref += [s.onsite[on_m].numpy(), s.hop[hop_m].numpy()]
             h_pred += [o["onsite"].detach()[on_m].numpy(), o["hop"].detach()[hop_m].numpy()]
+            if names is not None:
+                r_, p_ = np.concatenate(h_ref[-2:]), np.concatenate(h_pred[-2:])
+                big_ = np.abs(r_) > H_THRESHOLD
+                grp["dh"].append(np.abs(r_ - p_)[big_])
             r, inter = hop_geometry(model, g)
             shape = s.hop.shape
             hop_ref.append(s.hop[hop_m].numpy())
@@ -181,6 +185,9 @@ def heldout(calc, data: Path, out: Path, unseen: list[Path] | None = None,
         res[f"{name}_n"] = len(grp["e"])
         res[f"{name}_energy_mae_meV_atom"] = 1e3 * float(np.mean(grp["e"]))
         res[f"{name}_force_mae_meV_A"] = 1e3 * float(np.mean(np.concatenate(grp["f"])))
+        if grp["dh"]:
+            res[f"{name}_n_hamiltonian"] = len(grp["dh"])
+            res[f"{name}_h_mae_meV"] = 1e3 * float(np.mean(np.concatenate(grp["dh"])))
     _parity(f_ref, f_pred, "force components", "eV/Å", out / "dpwannier_parity_forces.png")
     _parity(e_ref, e_pred, "energy per atom", "eV", out / "dpwannier_parity_energy.png")
     if h_ref:
@@ -596,7 +603,10 @@ def _table(res: dict) -> str:
             if f"{name}_n" in h:
                 lines.append(f"  {name} ({h[f'{name}_n']}): E "
                              f"{h[f'{name}_energy_mae_meV_atom']:.2f} meV/atom | F "
-                             f"{h[f'{name}_force_mae_meV_A']:.1f} meV/Å")
+                             f"{h[f'{name}_force_mae_meV_A']:.1f} meV/Å"
+                             + (f" | H {h[f'{name}_h_mae_meV']:.2f} meV "
+                                f"({h[f'{name}_n_hamiltonian']} with H(R))"
+                                if f"{name}_h_mae_meV" in h else ""))
     for r in h.get("h_shells", []):
         lines.append(f"  H {r['pairs']} {r['shell_A'][0]:.1f}-{r['shell_A'][1]:.1f} Å: mean |H| "
                      f"{r['mean_abs_ref_meV']:.1f} meV, MAE {r['mae_meV']:.1f} meV, slope "
