@@ -706,8 +706,10 @@ def main() -> None:
     if "large" not in args.skip:
         res["large"] = large(args.model, args.large, args.relax_large, args.large_kpoints,
                              args.cores)
-    (out / args.json).write_text(json.dumps(res, indent=1, default=str))
-    print(_table(res))
+    print(_table(res))  # first: the numbers must survive a bad --json path
+    path = out / args.json  # relative to --out; an absolute --json is taken as given
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1, default=str))
 
 
 if __name__ == "__main__":

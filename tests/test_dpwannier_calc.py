@@ -349,14 +349,19 @@ def test_shipped_model_knows_strained_layers():
     assert np.abs(calc.get_forces(atoms) - rec["forces"]).mean() < 0.25
 
 
-@pytest.mark.parametrize("fixture, key", [("mos2_twisted_1_2.h5", "twisted_MoS2_1_2"),
-                                          ("mos2_twisted_1_2_aap.h5", "twisted_MoS2_1_2_AAp")])
-def test_shipped_model_relaxes_the_twisted_cell_like_gpaw(fixture, key):
-    """The shipped model's BFGS minimum of the unseen 21.79 degree cells vs GPAW's (LCAO dzp
-    PBE + D3, Γ only, fmax 0.03 eV/Å). Measured on the AA-type: interlayer Mo-Mo 6.354 vs
-    6.325 Å, RMSD 0.018 Å (session 6; session 5's model: 6.378 Å, 0.027 Å; session 13:
-    6.317 Å, 0.009 Å); the bounds are about 2-3x that, to catch a regressed force field.
-    2H-type (AA', session 19): see docs/dpwannier.md."""
+@pytest.mark.parametrize("fixture, key, interlayer", [
+    ("mos2_twisted_1_2.h5", "twisted_MoS2_1_2", True),
+    ("mos2_twisted_1_2_aap.h5", "twisted_MoS2_1_2_AAp", True),
+    # GPAW's BFGS met its per-atom fmax with 0.35 eV/Å still on each layer: its interlayer
+    # distance is not converged (docs/reference.md), so only the layers' shapes are compared
+    ("mos2_twisted_2_3.h5", "twisted_MoS2_2_3", False)])
+def test_shipped_model_relaxes_the_twisted_cell_like_gpaw(fixture, key, interlayer):
+    """The shipped model's BFGS minimum of the unseen twisted cells vs GPAW's (LCAO dzp
+    PBE + D3, Γ only, fmax 0.03 eV/Å). Measured on the 21.79° AA-type: interlayer Mo-Mo
+    6.354 vs 6.325 Å, RMSD 0.018 Å (session 6; session 5's model: 6.378 Å, 0.027 Å; session
+    13: 6.317 Å, 0.009 Å); the bounds are about 2-3x that, to catch a regressed force field.
+    Each layer's shape (RMSD with each layer's mean displacement removed), session 20:
+    0.009 / 0.010 / 0.022 Å on the 21.79° AA, AA' and 13.17° cells."""
     from pathlib import Path
 
     from ase_mlks.core.graph import assign_layers
@@ -375,10 +380,15 @@ def test_shipped_model_relaxes_the_twisted_cell_like_gpaw(fixture, key):
         layer, z, mo = assign_layers(a), a.positions[:, 2], a.numbers == 42
         return z[mo & (layer == layer.max())].mean() - z[mo & (layer == layer.min())].mean()
 
-    assert abs(mo_mo(atoms) - mo_mo(gpaw)) < 0.1
     d = atoms.positions - gpaw.positions
-    d -= d.mean(axis=0)
-    assert np.sqrt((d ** 2).sum(axis=1).mean()) < 0.06
+    if interlayer:
+        assert abs(mo_mo(atoms) - mo_mo(gpaw)) < 0.1
+        d -= d.mean(axis=0)
+        assert np.sqrt((d ** 2).sum(axis=1).mean()) < 0.06
+    layer = assign_layers(atoms)
+    for k in np.unique(layer):
+        d[layer == k] -= d[layer == k].mean(axis=0)
+    assert np.sqrt((d ** 2).sum(axis=1).mean()) < 0.05
 
 
 @pytest.mark.parametrize("fixture, key", [("mos2_twisted_1_2.h5", "twisted_MoS2_1_2"),

@@ -49,6 +49,23 @@ def test_store_relaxation_adds_the_relaxed_geometry_and_keeps_the_record(tmp_pat
         assert ds.read("monolayer_MoS2")["relaxed_positions"][0, 0] == pytest.approx(0.5)
 
 
+def test_layer_net_forces_sum_each_layers_z_forces():
+    """The rigid interlayer coordinate's force: a per-atom fmax hides it in large cells."""
+    from ase_mlks.reference.relax import layer_net_forces
+
+    with StructureDataset(DATA / "mos2_bilayer_2x2.h5", "r") as ds:
+        rec = ds.read("bl00001")
+    atoms = rec["atoms"]
+    forces = np.zeros((len(atoms), 3))
+    top = atoms.positions[:, 2] > atoms.positions[:, 2].mean()
+    forces[top, 2] = 0.006  # under any per-atom fmax, yet 0.072 eV/Å on the layer
+    forces[:, 0] = 1.0  # in-plane forces do not count
+    net = layer_net_forces(atoms, forces)
+    assert net == pytest.approx([0.0, 0.006 * top.sum()])
+    assert layer_net_forces(atoms, rec["forces"]) == pytest.approx(
+        [rec["forces"][~top, 2].sum(), rec["forces"][top, 2].sum()])
+
+
 def test_store_relaxation_refuses_a_wrong_record_and_leaves_the_file_intact(tmp_path):
     path = tmp_path / "mono.h5"
     shutil.copyfile(DATA / "mos2_monolayer.h5", path)

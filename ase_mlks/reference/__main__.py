@@ -340,7 +340,8 @@ def _relax(args, command: str) -> int:
     result = relax_structure(atoms, args.workdir, settings, fmax=args.fmax, steps=args.steps,
                              txt=args.txt)
     print(f"{args.key}: {result.steps} BFGS steps, max |F| {result.fmax:.4f} eV/Å, "
-          f"E {result.energy:.4f} eV, {result.cpu_time:.0f} CPU-s"
+          f"E {result.energy:.4f} eV, {result.cpu_time:.0f} CPU-s, net z force per layer "
+          + " / ".join(f"{f:+.3f}" for f in result.layer_net_force_z or []) + " eV/Å"
           + ("" if result.converged else " (NOT converged: run again to continue)"))
     if result.converged:
         store_relaxation(args.record, args.key, result, settings, args.fmax, command)
