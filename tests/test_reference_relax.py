@@ -78,9 +78,10 @@ def test_store_relaxation_refuses_a_wrong_record_and_leaves_the_file_intact(tmp_
 
 
 @pytest.mark.parametrize("fixture, key", [("mos2_twisted_1_2.h5", "twisted_MoS2_1_2"),
-                                          ("mos2_twisted_1_2_aap.h5", "twisted_MoS2_1_2_AAp")])
+                                          ("mos2_twisted_1_2_aap.h5", "twisted_MoS2_1_2_AAp"),
+                                          ("mos2_twisted_2_3.h5", "twisted_MoS2_2_3")])
 def test_relaxed_twisted_fixture_is_consistent(fixture, key):
-    """When a 21.79 degree fixture holds a GPAW relaxation, it belongs to that structure."""
+    """When a twisted fixture holds a GPAW relaxation, it belongs to that structure."""
     with h5py.File(DATA / fixture) as f:
         g = f[key]
         if "relaxed_positions" not in g:
