@@ -59,3 +59,19 @@ def test_scaled_rerun_gives_the_stated_noise(hnoise, tmp_path):
     assert res["noise_one_evaluation_meV"] == pytest.approx(0.01 * np.sqrt(2) * mean_abs,
                                                             rel=1e-4)
     assert "model_vs_mean_meV" not in res
+
+
+def test_interlayer_scan_finds_the_zero_of_the_interlayer_force():
+    """benchmarks/reference_interlayer_scan.py: linear zero of the interlayer force between
+    the scan points that bracket it (the 13.17° scan's numbers), None when none does."""
+    spec = importlib.util.spec_from_file_location(
+        "reference_interlayer_scan", ROOT / "benchmarks" / "reference_interlayer_scan.py")
+    scan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scan)
+    pts = [{"mo_mo": 6.293, "interlayer_force": -0.728},
+           {"mo_mo": 6.193, "interlayer_force": 0.352},
+           {"mo_mo": 6.243, "interlayer_force": -0.214}]
+    assert scan.zero_crossing(pts) == pytest.approx(6.193 + 0.05 * 0.352 / 0.566)
+    assert scan.zero_crossing(pts[1:2]) is None
+    assert scan.zero_crossing([dict(p, interlayer_force=p["interlayer_force"] + 1)
+                               for p in pts]) is None
