@@ -8,8 +8,9 @@ cell at max |F| 0.03 eV/Å). This script takes a record's stored GPAW relaxation
 the record's own settings, and reports the net z force on each layer. The zero of the
 interlayer force (mean of top and minus bottom), interpolated linearly between the scan
 points, estimates the interlayer distance of the minimum at the relaxed layer shapes.
-Energies are printed too, but for 100+ atoms they are not precise enough for this (SCF
-energy criterion and egg-box term ~10–20 meV); the forces are the measure.
+Energies are printed too: compare them. In the session-20 scans (docs/reference.md) GPAW's
+energies and forces disagree by 3–8 meV per 0.05 Å of shift, so the two put the minimum
+0.04–0.05 Å apart; that is unresolved.
 
     python benchmarks/reference_interlayer_scan.py --data tests/data/mos2_twisted_2_3.h5 \\
         --key twisted_MoS2_2_3 --dz 0 0.05 0.10 --workdir runs/scan23

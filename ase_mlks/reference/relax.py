@@ -47,8 +47,8 @@ def layer_net_forces(atoms: Atoms, forces: np.ndarray) -> list[float]:
 
     This is the force on the rigid interlayer coordinate. A per-atom criterion does not see
     it: in the 114-atom 13.17° bilayer, BFGS stopped at max |F| 0.03 eV/Å with 0.35 eV/Å
-    still pushing each layer (0.006 eV/Å per atom, all in the same direction), i.e. with
-    the interlayer distance ~0.03 Å short of its minimum (docs/reference.md)."""
+    still pushing each layer (0.006 eV/Å per atom, all in the same direction), i.e. by
+    GPAW's own forces ~0.03 Å short of the interlayer minimum (docs/reference.md)."""
     from ..core.graph import assign_layers
 
     layer = assign_layers(atoms)
