@@ -318,16 +318,6 @@ def twisted(calc, paths: list[Path], out: Path,
     return results
 
 
-def _interlayer_mo_distance(atoms) -> float:
-    """Mean z of the upper layer's Mo minus that of the lower layer's (Å)."""
-    from ase_mlks.core.graph import assign_layers
-
-    layer = assign_layers(atoms)
-    mo = atoms.numbers == 42
-    z = atoms.positions[:, 2]
-    return float(z[mo & (layer == layer.max())].mean() - z[mo & (layer == layer.min())].mean())
-
-
 def _s_layer_thickness(atoms) -> float:
     """Mean vertical S–S distance within a layer (Å): where Γ-only forces err (z of S)."""
     from ase_mlks.core.graph import assign_layers
@@ -345,15 +335,17 @@ def _s_layer_thickness(atoms) -> float:
 def _compare_relaxations(start, model_relaxed, rec: dict) -> dict:
     """Model relaxation vs the GPAW one from the same start: interlayer distance, the
     atomic displacements (rigid translation removed) and the relaxation energies."""
+    from ase_mlks.core.graph import interlayer_distance
+
     gpaw = start.copy()
     gpaw.positions = rec["relaxed_positions"]
     d = model_relaxed.positions - gpaw.positions
     d -= d.mean(axis=0)
     out = {"relaxed_vs_gpaw_max_dz_A": float(np.abs(d[:, 2]).max()),
            "relaxed_vs_gpaw_rmsd_A": float(np.sqrt((d ** 2).sum(axis=1).mean())),
-           "interlayer_MoMo_start_A": _interlayer_mo_distance(start),
-           "interlayer_MoMo_gpaw_A": _interlayer_mo_distance(gpaw),
-           "interlayer_MoMo_model_A": _interlayer_mo_distance(model_relaxed),
+           "interlayer_MoMo_start_A": interlayer_distance(start),
+           "interlayer_MoMo_gpaw_A": interlayer_distance(gpaw),
+           "interlayer_MoMo_model_A": interlayer_distance(model_relaxed),
            "S_thickness_gpaw_A": _s_layer_thickness(gpaw),
            "S_thickness_model_A": _s_layer_thickness(model_relaxed)}
     if "relaxed_energy" in rec and "energy" in rec:

@@ -30,6 +30,7 @@ import numpy as np
 
 def scan_point(atoms, top: np.ndarray, dz: float, settings, txt: str | None = None) -> dict:
     """GPAW at ``atoms`` with the ``top`` layer shifted by ``dz`` Å along z."""
+    from ase_mlks.core.graph import interlayer_distance
     from ase_mlks.reference.relax import layer_net_forces, reference_calculator
 
     a = atoms.copy()
@@ -38,16 +39,11 @@ def scan_point(atoms, top: np.ndarray, dz: float, settings, txt: str | None = No
     f = a.get_forces()
     net = layer_net_forces(a, f)
     bottom_fz, top_fz = net[0], net[-1]
-    return {"dz": dz, "mo_mo": interlayer_mo_mo(a, top), "energy": float(a.get_potential_energy()),
+    return {"dz": dz, "mo_mo": interlayer_distance(a, layer=top.astype(int)),
+            "energy": float(a.get_potential_energy()),
             "fz_bottom": bottom_fz, "fz_top": top_fz,
             "interlayer_force": 0.5 * (top_fz - bottom_fz),
             "fmax": float(np.linalg.norm(f, axis=1).max())}
-
-
-def interlayer_mo_mo(atoms, top: np.ndarray) -> float:
-    """Mean z of the top layer's Mo minus that of the bottom layer's (Å)."""
-    z, mo = atoms.positions[:, 2], atoms.numbers == 42
-    return float(z[mo & top].mean() - z[mo & ~top].mean())
 
 
 def zero_crossing(points: list[dict]) -> float | None:

@@ -7,7 +7,13 @@ from ase.build import bulk, molecule, mx2
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
 from ase_mlks.core.errors import StructureError, UnknownElementError
-from ase_mlks.core.graph import assign_layers, min_distance, neighbor_list, species_index
+from ase_mlks.core.graph import (
+    assign_layers,
+    interlayer_distance,
+    min_distance,
+    neighbor_list,
+    species_index,
+)
 from ase_mlks.core.symmetry import irreducible_kpoints, spacegroup, standard_primitive
 
 
@@ -61,6 +67,20 @@ def test_assign_layers_bilayer_rattled_and_permuted():
     perm = np.random.default_rng(0).permutation(len(bilayer))
     np.testing.assert_array_equal(assign_layers(bilayer[perm]), layers[perm])
     assert 1.5 < min_distance(bilayer) < 2.45
+
+
+def test_interlayer_distance_of_a_bilayer():
+    """Mo-Mo distance of stacked layers, whatever the atom order and the S atoms."""
+    mono = mx2("MoS2", vacuum=0.0).repeat((2, 2, 1))
+    top = mono.copy()
+    top.positions[:, 2] += 6.15
+    bilayer = mono + top
+    bilayer.cell[2, 2] = 30.0
+    bilayer.pbc = (True, True, False)
+    assert interlayer_distance(bilayer) == pytest.approx(6.15)
+    perm = np.random.default_rng(1).permutation(len(bilayer))
+    assert interlayer_distance(bilayer[perm]) == pytest.approx(6.15)
+    assert interlayer_distance(bilayer, number=16) == pytest.approx(6.15)
 
 
 def test_symmetry_of_mos2_monolayer():

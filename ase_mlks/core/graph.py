@@ -125,3 +125,14 @@ def assign_layers(atoms: Atoms, bond_scale: float = 1.25) -> np.ndarray:
             top = max(top, hi[c])
         group[c] = current
     return group[comp]
+
+
+def interlayer_distance(atoms: Atoms, number: int = 42, layer: np.ndarray | None = None
+                        ) -> float:
+    """Mean z of the top layer's atoms of element ``number`` minus that of the bottom layer's
+    (Å; Mo–Mo for MoS2 bilayers). ``layer``: a layer index per atom (default
+    :func:`assign_layers`), to keep the same assignment while layers move."""
+    layer = assign_layers(atoms) if layer is None else np.asarray(layer)
+    sel = atoms.numbers == number
+    z = atoms.positions[:, 2]
+    return float(z[sel & (layer == layer.max())].mean() - z[sel & (layer == layer.min())].mean())
