@@ -13,7 +13,7 @@ energies and forces disagree by 3–8 meV per 0.05 Å of shift, so the two put t
 0.04–0.05 Å apart; that is unresolved.
 
     python benchmarks/reference_interlayer_scan.py --data tests/data/mos2_twisted_2_3.h5 \\
-        --key twisted_MoS2_2_3 --dz 0 0.05 0.10 --workdir runs/scan23
+        --key twisted_MoS2_2_3 --dz 0 0.05 0.10 --workdir runs/scan23 [--tight]
 
 Each point is stored in ``--workdir`` as it finishes (a rerun skips done points). Prints a
 table and writes JSON (``--json``, in ``--workdir``).
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,9 @@ def main() -> None:
     p.add_argument("--dz", type=float, nargs="+", required=True, help="top-layer shifts (Å)")
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--json", default="interlayer_scan.json")
+    p.add_argument("--tight", action="store_true",
+                   help="100x tighter SCF (density and energy criteria), to rule the SCF "
+                        "out; give it its own --workdir (points are kept by shift)")
     args = p.parse_args()
 
     with StructureDataset(args.data, "r") as ds:
@@ -79,6 +83,9 @@ def main() -> None:
     atoms = rec["atoms"]
     atoms.positions = rec["relaxed_positions"]
     settings = LCAOSettings.fromdict(json.loads(rec["attrs"]["settings"]))
+    if args.tight:
+        settings = replace(settings, convergence={
+            k: settings.convergence[k] * 1e-2 for k in ("energy", "density")}, maxiter=400)
     layer = assign_layers(atoms)
     top = layer == layer.max()
     args.workdir.mkdir(parents=True, exist_ok=True)
