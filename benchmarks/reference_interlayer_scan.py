@@ -31,16 +31,16 @@ import numpy as np
 
 def scan_point(atoms, top: np.ndarray, dz: float, settings, txt: str | None = None) -> dict:
     """GPAW at ``atoms`` with the ``top`` layer shifted by ``dz`` Å along z."""
-    from ase_mlks.core.graph import interlayer_distance
-    from ase_mlks.reference.relax import layer_net_forces, reference_calculator
+    from ase_mlks.core.graph import interlayer_distance, layer_net_forces
+    from ase_mlks.reference.relax import reference_calculator
 
     a = atoms.copy()
     a.positions[top, 2] += dz
     a.calc = reference_calculator(a, settings, txt=txt)
     f = a.get_forces()
-    net = layer_net_forces(a, f)
-    bottom_fz, top_fz = net[0], net[-1]
-    return {"dz": dz, "mo_mo": interlayer_distance(a, layer=top.astype(int)),
+    layer = top.astype(int)  # the layers of the unshifted cell, kept while one moves
+    bottom_fz, top_fz = layer_net_forces(a, f, layer)
+    return {"dz": dz, "mo_mo": interlayer_distance(a, layer=layer),
             "energy": float(a.get_potential_energy()),
             "fz_bottom": bottom_fz, "fz_top": top_fz,
             "interlayer_force": 0.5 * (top_fz - bottom_fz),
@@ -55,7 +55,7 @@ def zero_crossing(points: list[dict]) -> float | None:
         fa, fb = a["interlayer_force"], b["interlayer_force"]
         if fa == 0:
             return a["mo_mo"]
-        if fa * fb < 0:
+        if fa * fb <= 0:  # a sign change, or a zero at b (then this returns b's distance)
             return a["mo_mo"] + fa / (fa - fb) * (b["mo_mo"] - a["mo_mo"])
     return None
 

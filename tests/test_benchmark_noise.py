@@ -73,5 +73,6 @@ def test_interlayer_scan_finds_the_zero_of_the_interlayer_force():
            {"mo_mo": 6.243, "interlayer_force": -0.214}]
     assert scan.zero_crossing(pts) == pytest.approx(6.193 + 0.05 * 0.352 / 0.566)
     assert scan.zero_crossing(pts[1:2]) is None
+    assert scan.zero_crossing([pts[1], dict(pts[2], interlayer_force=0.0)]) == pytest.approx(6.243)
     assert scan.zero_crossing([dict(p, interlayer_force=p["interlayer_force"] + 1)
                                for p in pts]) is None

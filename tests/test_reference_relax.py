@@ -51,7 +51,7 @@ def test_store_relaxation_adds_the_relaxed_geometry_and_keeps_the_record(tmp_pat
 
 def test_layer_net_forces_sum_each_layers_z_forces():
     """The rigid interlayer coordinate's force: a per-atom fmax hides it in large cells."""
-    from ase_mlks.reference.relax import layer_net_forces
+    from ase_mlks.core.graph import layer_net_forces
 
     with StructureDataset(DATA / "mos2_bilayer_2x2.h5", "r") as ds:
         rec = ds.read("bl00001")

@@ -20,18 +20,19 @@ import numpy as np
 from ase import Atoms
 
 from ..core.errors import AseMlksError
+from ..core.graph import layer_net_forces
 from .groundstate import check_slab
 from .settings import DEFAULT, LCAOSettings, require_gpaw, versions
 
-__all__ = ["RelaxResult", "layer_net_forces", "reference_calculator", "relax_structure",
-           "relaxed_positions_of", "store_relaxation"]
+__all__ = ["RelaxResult", "reference_calculator", "relax_structure", "relaxed_positions_of",
+           "store_relaxation"]
 
 
 @dataclass
 class RelaxResult:
     """Relaxed positions (Å, (N, 3)), energy (eV, GPAW + D3), steps, final max |F| (eV/Å),
     CPU seconds over all (resumed) parts of the run, whether fmax was reached, and the net
-    z force on each layer at the end (eV/Å, bottom to top; see :func:`layer_net_forces`)."""
+    z force on each layer at the end (eV/Å, bottom to top; ``core.graph.layer_net_forces``)."""
 
     positions: np.ndarray
     energy: float
@@ -40,19 +41,6 @@ class RelaxResult:
     cpu_time: float
     converged: bool
     layer_net_force_z: list[float] | None = None
-
-
-def layer_net_forces(atoms: Atoms, forces: np.ndarray) -> list[float]:
-    """Net z force (eV/Å) on each layer of a slab (``core.graph.assign_layers``), bottom to top.
-
-    This is the force on the rigid interlayer coordinate. A per-atom criterion does not see
-    it: in the 114-atom 13.17° bilayer, BFGS stopped at max |F| 0.03 eV/Å with 0.35 eV/Å
-    still pushing each layer (0.006 eV/Å per atom, all in the same direction), i.e. by
-    GPAW's own forces ~0.03 Å short of the interlayer minimum (docs/reference.md)."""
-    from ..core.graph import assign_layers
-
-    layer = assign_layers(atoms)
-    return [float(forces[layer == k, 2].sum()) for k in np.unique(layer)]
 
 
 def reference_calculator(atoms: Atoms, settings: LCAOSettings = DEFAULT,
