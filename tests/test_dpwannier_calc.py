@@ -235,6 +235,45 @@ def test_fine_tuning_on_compressed_cells_widens_the_accepted_range(trained, tmp_
     assert tuned.model.min_distance == pytest.approx(0.85 * closest, abs=1e-3)
 
 
+def test_stage1_leaves_out_coarsely_sampled_references(dataset, tmp_path, capsys):
+    """Records whose reference k-grid is much coarser than the rest (Γ-only twisted cells
+    beside 3x3-k bilayers) are another level of theory for energies and forces: stage 1
+    leaves them out and says so, stage 2 and the H metrics use them, and the held-out force
+    metrics skip them."""
+    import shutil
+
+    import h5py
+
+    from ase_mlks.dpwannier.trainer import evaluate
+
+    path = tmp_path / "mixed.h5"
+    shutil.copy(dataset, path)
+    with h5py.File(path, "r+") as f:
+        keys = sorted(f)
+        for i, k in enumerate(keys):  # the 2x2 cells are 6.4 Å: 3x3 k -> 19 Å, Γ -> 6.4 Å
+            f[k].attrs["settings"] = json.dumps({"kpts": [1, 1] if i % 3 == 0 else [3, 3]})
+    coarse = {k for i, k in enumerate(keys) if i % 3 == 0}
+    tr = DPWannierTrainer(path, tmp_path / "run", model_kwargs=SMALL, progress=False)
+    assert set(tr.coarse_keys) == coarse
+    assert all(d == pytest.approx(np.linalg.norm(_records(path)[0].cell[0]))
+               for d in tr.coarse_keys.values())
+    t1 = tr._trainer(1, epochs=1, lr=1e-3, batch_size=2)
+    assert "stage 1 leaves out 4 structures" in capsys.readouterr().out
+    used1 = set(t1.train_set.keys) | set(t1.val_set.keys if t1.val_set else [])
+    assert used1 == set(keys) - coarse
+    t2 = tr._trainer(2, epochs=1, lr=1e-3, batch_size=2)
+    assert set(t2.train_set.keys) | set(t2.val_set.keys if t2.val_set else []) == set(keys)
+    samples = [tr.train_set[i] for i in range(len(tr.train_set))]
+    full = evaluate(tr.model, samples)
+    part = evaluate(tr.model, samples, no_forces=tr.coarse_keys)
+    assert part["n_forces"] == len(samples) - len(coarse & set(tr.train_keys)) < full["n_forces"]
+    assert part["h_elements"] == full["h_elements"]
+    assert part["force_mae_meV_A"] != full["force_mae_meV_A"]
+    everything = DPWannierTrainer(path, tmp_path / "all", model_kwargs=SMALL, progress=False,
+                                  min_kpoint_density=None)
+    assert not everything.coarse_keys
+
+
 def _records(path):
     with StructureDataset(path, "r") as ds:
         return [ds.read(k)["atoms"] for k in ds.keys()]

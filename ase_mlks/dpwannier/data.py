@@ -13,6 +13,7 @@ other data sets exclude edges they cannot represent.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,20 @@ class Sample:
     eig_kpts: list | None = None             # per structure: (nk, 3) fractional k
     eig_weights: list | None = None          # per structure: (nk,) k weights
     keys: list[str] = field(default_factory=list)
+
+
+def kpoint_density(group: h5py.Group) -> float | None:
+    """How finely the record's reference sampled the Brillouin zone: the smallest k_i·|a_i|
+    (Å) over its periodic directions, from the k-grid in its ``settings`` attribute. It is
+    comparable across cell sizes (a 2x2 MoS2 cell at 3x3 k and the 21.79° cell at 2x2 k: 19
+    and 17 Å). None when the record does not say."""
+    raw = group.attrs.get("settings")
+    kpts = json.loads(raw).get("kpts") if raw is not None else None
+    if not kpts:
+        return None
+    cell, pbc = np.asarray(group["cell"]), np.asarray(group["pbc"])
+    lengths = [k * float(np.linalg.norm(cell[i])) for i, k in enumerate(kpts[:3]) if pbc[i]]
+    return min(lengths) if lengths else None
 
 
 def find_hamiltonian_group(group: h5py.Group) -> h5py.Group | None:
