@@ -336,6 +336,7 @@ def _compare_relaxations(start, model_relaxed, rec: dict) -> dict:
     """Model relaxation vs the GPAW one from the same start: interlayer distance, the
     atomic displacements (rigid translation removed) and the relaxation energies."""
     from ase_mlks.core.graph import interlayer_distance
+    from ase_mlks.reference.relax import scan_attribute
 
     gpaw = start.copy()
     gpaw.positions = rec["relaxed_positions"]
@@ -348,6 +349,9 @@ def _compare_relaxations(start, model_relaxed, rec: dict) -> dict:
            "interlayer_MoMo_model_A": interlayer_distance(model_relaxed),
            "S_thickness_gpaw_A": _s_layer_thickness(gpaw),
            "S_thickness_model_A": _s_layer_thickness(model_relaxed)}
+    scan = rec.get("attrs", {}).get(scan_attribute(0.15))
+    if scan is not None:  # zero of GPAW's net interlayer force on the finer grid
+        out["interlayer_MoMo_gpaw_zero_force_h0.15_A"] = json.loads(scan)["zero_force_mo_mo"]
     if "relaxed_energy" in rec and "energy" in rec:
         out["relax_energy_gpaw_meV"] = 1e3 * float(rec["relaxed_energy"] - rec["energy"])
         out["relax_energy_model_meV"] = 1e3 * float(model_relaxed.get_potential_energy()
@@ -576,7 +580,10 @@ def _relaxation_line(r: dict, suffix: str, label: str) -> str:
         return r.get(f"{name}{suffix}", float("nan"))
 
     return (f"  {label}: Mo-Mo interlayer {get('interlayer_MoMo_start_A'):.3f} -> GPAW "
-            f"{get('interlayer_MoMo_gpaw_A'):.3f} / model {get('interlayer_MoMo_model_A'):.3f} Å;"
+            f"{get('interlayer_MoMo_gpaw_A'):.3f} / model {get('interlayer_MoMo_model_A'):.3f} Å"
+            + (f" (zero of GPAW's interlayer force at h = 0.15 Å: {zero:.3f} Å)"
+               if (zero := r.get(f"interlayer_MoMo_gpaw_zero_force_h0.15_A{suffix}")) else "")
+            + ";"
             f" S-S thickness GPAW {get('S_thickness_gpaw_A'):.3f} / model "
             f"{get('S_thickness_model_A'):.3f} Å; RMSD {get('relaxed_vs_gpaw_rmsd_A'):.3f} Å, "
             f"max |dz| {get('relaxed_vs_gpaw_max_dz_A'):.3f} Å; "

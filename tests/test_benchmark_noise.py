@@ -76,3 +76,31 @@ def test_interlayer_scan_finds_the_zero_of_the_interlayer_force():
     assert scan.zero_crossing([pts[1], dict(pts[2], interlayer_force=0.0)]) == pytest.approx(6.243)
     assert scan.zero_crossing([dict(p, interlayer_force=p["interlayer_force"] + 1)
                                for p in pts]) is None
+
+
+def test_interlayer_scan_averages_each_shift_over_the_translations():
+    """The grid-ripple mean: one point per shift, the mean of its translated evaluations,
+    with the spread of the interlayer force; the zero is then taken from the means."""
+    spec = importlib.util.spec_from_file_location(
+        "reference_interlayer_scan", ROOT / "benchmarks" / "reference_interlayer_scan.py")
+    scan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scan)
+
+    def point(dz, t, force, energy):
+        return {"dz": dz, "translate": t, "mo_mo": 6.3 + dz, "energy": energy,
+                "fz_top": force, "fz_bottom": -force, "interlayer_force": force}
+
+    # a ripple of +-0.1 eV/Å on a force that is zero at Mo-Mo 6.275
+    pts = [point(0.0, t, -0.1 + r, -1.0) for t, r in ((0.0, 0.1), (0.1, -0.1))]
+    pts += [point(-0.05, t, 0.1 + r, -1.002) for t, r in ((0.1, 0.1), (0.0, -0.1))]
+    means = scan.mean_over_translations(pts)
+    assert [m["dz"] for m in means] == [-0.05, 0.0]
+    assert [m["n"] for m in means] == [2, 2]
+    assert means[0]["interlayer_force"] == pytest.approx(0.1)
+    assert means[1]["interlayer_force"] == pytest.approx(-0.1)
+    assert means[1]["spread"] == pytest.approx(0.2)
+    assert means[0]["energy"] == pytest.approx(-1.002)
+    assert scan.zero_crossing(means) == pytest.approx(6.275)
+    # untranslated points keep the names session-20 workdirs use
+    assert scan.point_path(ROOT, -0.05, 0.0).name == "dz-0.050.json"
+    assert scan.point_path(ROOT, 0.0, 0.0985).name == "dz+0.000_t+0.09850.json"

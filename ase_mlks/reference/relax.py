@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from .groundstate import check_slab
 from .settings import DEFAULT, LCAOSettings, require_gpaw, versions
 
 __all__ = ["RelaxResult", "reference_calculator", "relax_structure", "relaxed_positions_of",
-           "store_relaxation"]
+           "store_relaxation", "edit_record", "scan_attribute", "store_interlayer_scan"]
 
 
 @dataclass
@@ -107,15 +109,13 @@ def relax_structure(atoms: Atoms, workdir: str | Path, settings: LCAOSettings = 
                        converged=converged, layer_net_force_z=layer_net_forces(atoms, forces))
 
 
-def store_relaxation(path: str | Path, key: str, result: RelaxResult,
-                     settings: LCAOSettings, fmax_target: float, command: str = "") -> None:
-    """Write ``relaxed_positions`` (+ energy, forces criterion, settings) into record ``key``.
-
-    Atomic: the file is copied, modified and moved over the original.
-    """
+@contextmanager
+def edit_record(path: str | Path, key: str) -> Iterator:
+    """Record ``key`` of the HDF5 file ``path`` as an h5py group to modify, atomically: the
+    file is copied, the copy edited and moved over the original only if the block succeeds."""
     import h5py
 
-    from ..core.io import atomic_path, write_array
+    from ..core.io import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -123,20 +123,42 @@ def store_relaxation(path: str | Path, key: str, result: RelaxResult,
         with h5py.File(tmp, "a") as f:
             if key not in f:
                 raise AseMlksError(f"no record {key!r} in {path}")
-            g = f[key]
-            if len(g["positions"]) != len(result.positions):
-                raise AseMlksError(f"record {key!r} has {len(g['positions'])} atoms, the "
-                                   f"relaxation {len(result.positions)}")
-            for name in ("relaxed_positions", "relaxed_energy"):
-                if name in g:
-                    del g[name]
-            # positions in float64: the comparison is of 0.01 Å corrugations of a 20 Å cell
-            write_array(g, "relaxed_positions", result.positions, dtype=np.float64)
-            write_array(g, "relaxed_energy", np.array(result.energy), dtype=np.float64)
-            meta = {k: v for k, v in asdict(result).items() if k != "positions"}
-            g.attrs["relaxation"] = json.dumps({
-                **meta, "fmax_target": fmax_target, "optimizer": "ase BFGS (cell fixed)",
-                "settings": settings.todict(), "versions": versions(), "command": command})
+            yield f[key]
+
+
+def store_relaxation(path: str | Path, key: str, result: RelaxResult,
+                     settings: LCAOSettings, fmax_target: float, command: str = "") -> None:
+    """Write ``relaxed_positions`` (+ energy, forces criterion, settings) into record ``key``
+    (atomically, :func:`edit_record`)."""
+    from ..core.io import write_array
+
+    with edit_record(path, key) as g:
+        if len(g["positions"]) != len(result.positions):
+            raise AseMlksError(f"record {key!r} has {len(g['positions'])} atoms, the "
+                               f"relaxation {len(result.positions)}")
+        for name in ("relaxed_positions", "relaxed_energy"):
+            if name in g:
+                del g[name]
+        # positions in float64: the comparison is of 0.01 Å corrugations of a 20 Å cell
+        write_array(g, "relaxed_positions", result.positions, dtype=np.float64)
+        write_array(g, "relaxed_energy", np.array(result.energy), dtype=np.float64)
+        meta = {k: v for k, v in asdict(result).items() if k != "positions"}
+        g.attrs["relaxation"] = json.dumps({
+            **meta, "fmax_target": fmax_target, "optimizer": "ase BFGS (cell fixed)",
+            "settings": settings.todict(), "versions": versions(), "command": command})
+
+
+def scan_attribute(h: float) -> str:
+    """Name of the record attribute that holds an interlayer scan on a grid of spacing h."""
+    return f"interlayer_scan_h{h:g}"
+
+
+def store_interlayer_scan(path: str | Path, key: str, scan: dict) -> None:
+    """Keep a rigid interlayer scan of record ``key``'s GPAW relaxation (the summary of
+    ``benchmarks/reference_interlayer_scan.py``: grid ``h``, k-grid, per-shift means and
+    ``zero_force_mo_mo``) in attribute :func:`scan_attribute` ``(scan["h"])``, atomically."""
+    with edit_record(path, key) as g:
+        g.attrs[scan_attribute(scan["h"])] = json.dumps({**scan, "versions": versions()})
 
 
 def relaxed_positions_of(path: str | Path, key: str, atoms: Atoms) -> np.ndarray:
