@@ -14,6 +14,8 @@ from ase_mlks.reference.relax import (
     RelaxResult,
     relax_structure,
     relaxed_positions_of,
+    scan_attribute,
+    store_interlayer_scan,
     store_relaxation,
 )
 from ase_mlks.reference.settings import FAST
@@ -47,6 +49,25 @@ def test_store_relaxation_adds_the_relaxed_geometry_and_keeps_the_record(tmp_pat
     store_relaxation(path, "monolayer_MoS2", _result(len(res.positions), 0.5), FAST, 0.05)
     with StructureDataset(path, "r") as ds:
         assert ds.read("monolayer_MoS2")["relaxed_positions"][0, 0] == pytest.approx(0.5)
+
+
+def test_store_interlayer_scan_keeps_one_summary_per_grid(tmp_path):
+    """A scan's summary goes into the record under its grid's name; another grid's scan
+    does not replace it; a missing record is an error and leaves the file as it was."""
+    path = tmp_path / "mono.h5"
+    shutil.copyfile(DATA / "mos2_monolayer.h5", path)
+    store_interlayer_scan(path, "monolayer_MoS2", {"h": 0.15, "zero_force_mo_mo": 6.3})
+    store_interlayer_scan(path, "monolayer_MoS2", {"h": 0.2, "zero_force_mo_mo": 6.25})
+    with StructureDataset(path, "r") as ds:
+        attrs = ds.read("monolayer_MoS2")["attrs"]
+    assert scan_attribute(0.15) == "interlayer_scan_h0.15"
+    assert json.loads(attrs[scan_attribute(0.15)])["zero_force_mo_mo"] == 6.3
+    assert json.loads(attrs[scan_attribute(0.2)])["zero_force_mo_mo"] == 6.25
+    before = path.read_bytes()
+    with pytest.raises(AseMlksError, match="no record"):
+        store_interlayer_scan(path, "nothing", {"h": 0.15, "zero_force_mo_mo": 1.0})
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob(".mono.h5.*"))  # no temporary file left behind
 
 
 def test_layer_net_forces_sum_each_layers_z_forces():
