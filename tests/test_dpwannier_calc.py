@@ -255,6 +255,13 @@ def test_stage1_leaves_out_coarsely_sampled_references(dataset, tmp_path, capsys
     coarse = {k for i, k in enumerate(keys) if i % 3 == 0}
     tr = DPWannierTrainer(path, tmp_path / "run", model_kwargs=SMALL, progress=False)
     assert set(tr.coarse_keys) == coarse
+    # the energy bias is fitted on the records at the force field's level only: shifting the
+    # coarse records' energies changes nothing
+    with h5py.File(path, "r+") as f:
+        for k in coarse:
+            f[k]["energy"][()] = f[k]["energy"][()] + 100.0
+    shifted = DPWannierTrainer(path, tmp_path / "shifted", model_kwargs=SMALL, progress=False)
+    assert torch.equal(shifted.model.e_bias, tr.model.e_bias)
     assert all(d == pytest.approx(np.linalg.norm(_records(path)[0].cell[0]))
                for d in tr.coarse_keys.values())
     t1 = tr._trainer(1, epochs=1, lr=1e-3, batch_size=2)

@@ -404,8 +404,10 @@ class DPWannierTrainer:
             self.model.load_state_dict(saved["state_dict"])
             self._apply_data_hparams(saved["data_hparams"])
         else:
-            initialize_from_data(self.model, [self.train_set[i]
-                                              for i in range(min(16, len(self.train_set)))])
+            # the energy bias comes from these: only references at the force field's level
+            first = [i for i, k in enumerate(self.train_keys) if k not in self.coarse_keys][:16]
+            first = first or list(range(min(16, len(self.train_set))))
+            initialize_from_data(self.model, [self.train_set[i] for i in first])
             if init_ff is not None:
                 self._load_force_field(init_ff)
             if init_model is not None:
