@@ -1,6 +1,7 @@
 """HDF5 structure datasets: append, resume, read, split, torch view."""
 
 import numpy as np
+import pytest
 from ase.build import molecule
 
 from ase_mlks.core.dataset import StructureDataset, TorchStructureDataset
@@ -90,3 +91,26 @@ def test_repack_keeps_every_value_and_shrinks_small_records(tmp_path):
         assert f["s0/forces"].compression is None          # small: contiguous
         assert f["s0/big"].compression == "gzip"             # large: still compressed
         assert sorted(f) == ["s0", "s1", "s2", "s3", "s4"]
+
+
+def test_quantized_arrays_round_trip_within_half_a_quantum_and_survive_repack(tmp_path):
+    import h5py
+
+    from ase_mlks.core.io import read_array, repack_hdf5, write_array
+
+    values = np.random.default_rng(0).normal(scale=0.5, size=5000)
+    path = tmp_path / "q.h5"
+    with h5py.File(path, "w") as f:
+        write_array(f, "h", values, quantum=1e-6)
+        write_array(f, "plain", values)
+        assert f["h"].dtype == np.int32 and f["h"].attrs["quantum"] == 1e-6
+    repack_hdf5(path)
+    with h5py.File(path, "r") as f:
+        back = read_array(f, "h")
+        assert back.dtype == np.float64
+        assert np.abs(back - values).max() <= 0.5e-6 + 1e-15
+        assert f["h"].id.get_storage_size() < f["plain"].id.get_storage_size()
+    with h5py.File(path, "a") as f, pytest.raises(ValueError, match="int32"):
+        write_array(f, "huge", np.array([1e4]), quantum=1e-6)
+    with h5py.File(path, "a") as f, pytest.raises(ValueError, match="real"):
+        write_array(f, "cplx", np.array([1j]), quantum=1e-6)

